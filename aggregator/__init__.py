@@ -1,0 +1,1 @@
+"""The aggregator service: selects devices, runs rounds, aggregates, evaluates, checkpoints."""

@@ -1,0 +1,22 @@
+"""Enforce the device profile against what a round asks for."""
+
+from __future__ import annotations
+
+from shared.messages import RoundSpec
+from shared.profiles import DeviceProfile
+
+
+class BudgetExceeded(Exception):
+    """The round asks for more than this device's profile allows; the device declines it."""
+
+
+def check_model(profile: DeviceProfile, n_params: int) -> None:
+    if n_params > profile.max_student_params:
+        raise BudgetExceeded(f"student has {n_params:,} params; profile {profile.name} allows {profile.max_student_params:,}")
+
+
+def local_steps(profile: DeviceProfile, spec: RoundSpec) -> int:
+    """Steps to run: what the round asks, capped by the profile; rank above the cap is refused."""
+    if spec.lora.r > profile.max_lora_rank:
+        raise BudgetExceeded(f"round asks LoRA rank {spec.lora.r}; profile {profile.name} allows {profile.max_lora_rank}")
+    return min(spec.local_steps, profile.max_steps_per_round)

@@ -1,0 +1,148 @@
+"""Build the offline teacher and student: a locally trained byte-level BPE tokenizer and two small
+Llama models from configs, saved with ``save_pretrained`` so everything else loads them through
+``from_pretrained`` exactly as it would load a real model id or path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.datasets import Example
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class TinyLlama:
+    """Shape of a from-config Llama. Defaults are the student: ~0.6M params, fast on 2 CPU cores."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+
+
+STUDENT = TinyLlama()
+TEACHER = TinyLlama(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
+
+
+def train_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 2048) -> None:
+    """Train a byte-level BPE on ``texts`` and save it as a fast tokenizer in ``out_dir``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD], show_progress=False)
+    # model_input_names: without it generate() trips over token_type_ids (STACK.md).
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tok.save_pretrained(out_dir)
+
+
+def build_model(tokenizer_dir: Path, out_dir: Path, shape: TinyLlama, seed: int) -> int:
+    """Create a Llama from a config, save it next to the tokenizer; returns its parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def pretrain(model_dir: Path, examples: Sequence[Example], steps: int, seed: int, lr: float = 3e-3, batch_size: int = 16) -> float:
+    """Full fine-tune on public examples so the base knows the prompt format; saved in place.
+
+    Stands in for the pre-training a real base model has had. Returns the last mean loss.
+    """
+    import torch
+
+    from fl_lm.data import batches
+    from fl_lm.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    for step, batch in enumerate(batches(tok, list(examples), batch_size, 128, seed, steps)):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % 100 == 0:
+            log.info("pretrain %s step %d/%d loss %.3f", model_dir.name, step, steps, loss)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return sum(losses[-20:]) / max(1, len(losses[-20:]))
+
+
+def build_offline_models(
+    out_dir: str | Path,
+    corpus: Sequence[str],
+    pretrain_examples: Sequence[Example] = (),
+    pretrain_steps: int = 0,
+    seed: int = 0,
+    student: TinyLlama = STUDENT,
+    teacher: TinyLlama = TEACHER,
+) -> dict[str, str]:
+    """Tokenizer + ``student/`` and ``teacher/`` under ``out_dir``; returns their paths.
+
+    Idempotent: if both models exist with the same recipe, nothing is rebuilt.
+    """
+    out = Path(out_dir)
+    recipe = {
+        "seed": seed,
+        "student": student.__dict__,
+        "teacher": teacher.__dict__,
+        "pretrain_steps": pretrain_steps,
+        "corpus_chars": sum(len(t) for t in corpus),
+    }
+    marker = out / "recipe.json"
+    paths = {"student": str(out / "student"), "teacher": str(out / "teacher"), "tokenizer": str(out / "tokenizer")}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        log.info("offline models already built in %s", out)
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    texts = list(corpus)
+    random.Random(seed).shuffle(texts)
+    train_tokenizer(texts, out / "tokenizer")
+    n_s = build_model(out / "tokenizer", out / "student", student, seed)
+    n_t = build_model(out / "tokenizer", out / "teacher", teacher, seed + 1)
+    log.info("built student (%d params) and teacher (%d params) in %s", n_s, n_t, out)
+    if pretrain_steps > 0 and pretrain_examples:
+        for name in ("student", "teacher"):
+            loss = pretrain(out / name, pretrain_examples, pretrain_steps, seed)
+            log.info("pretrained %s on %d public examples: loss %.3f", name, len(pretrain_examples), loss)
+    marker.write_text(json.dumps(recipe, indent=2))
+    return paths

@@ -1,0 +1,202 @@
+"""A small, blocking-friendly wrapper around a paho-mqtt v2 client.
+
+Network callbacks only enqueue; decoding, decryption and training happen on the caller's thread.
+Connect failures raise. Publishes are QoS 1 and wait for the PUBACK. MQTT 5 is tried first and
+3.1.1 used when the broker refuses it (the embedded amqtt broker speaks 3.1.1 only), so the
+protocol relies on nothing v5-specific.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from shared.wire import publish_packet_size
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(ConnectionError):
+    """Could not connect, or the connection was lost at a point where we cannot go on."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @staticmethod
+    def parse(url: str) -> BrokerAddress:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ValueError(f"broker url {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+        tls = u.scheme == "mqtts"
+        return BrokerAddress(u.hostname, u.port or (8883 if tls else 1883), tls)
+
+
+@dataclass
+class WireCounter:
+    """PUBLISH bytes in each direction, per topic (see ``shared.wire``)."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, table: dict[str, int], topic: str, n: int) -> None:
+        with self.lock:
+            table[topic] = table.get(topic, 0) + n
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    wire_bytes: int
+
+
+class MqttLink:
+    def __init__(
+        self,
+        client_id: str,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        protocol: str = "auto",
+        will: tuple[str, bytes] | None = None,
+        keepalive: int = 30,
+    ) -> None:
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {protocol!r}")
+        self.client_id = client_id
+        self.addr = BrokerAddress.parse(url)
+        self.username, self.password, self.ca_file = username, password, ca_file
+        self.protocol = protocol
+        self.will = will
+        self.keepalive = keepalive
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.counter = WireCounter()
+        self.mqtt5 = False
+        self._client: Any = None
+        self._connected = threading.Event()
+        self._connect_failed = threading.Event()  # refused, or dropped before CONNACK
+        self._connect_rc: Any = None
+        self._subs: list[tuple[str, int]] = []
+
+    # -- callbacks: enqueue only --------------------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self._connect_rc = rc
+        if rc.is_failure:
+            self._connect_failed.set()
+        else:
+            for filt, qos in self._subs:  # re-subscribe after a reconnect
+                client.subscribe(filt, qos=qos)
+            self._connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if not self._connected.is_set():
+            self._connect_failed.set()
+        self._connected.clear()
+        if rc is not None and getattr(rc, "is_failure", False):
+            log.warning("%s: disconnected from broker: %s", self.client_id, rc)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        n = publish_packet_size(msg.topic, len(msg.payload), msg.qos, self.mqtt5)
+        self.counter.add(self.counter.received, msg.topic, n)
+        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), n))
+
+    # -- API ----------------------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect or raise ``LinkError``; tries MQTT 5 then 3.1.1 under ``protocol='auto'``."""
+        versions = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self.protocol]
+        errors = []
+        for v in versions:
+            try:
+                self._connect_once(v, timeout)
+                log.info("%s: connected to %s:%d (MQTT %s%s)", self.client_id, self.addr.host, self.addr.port, v, ", TLS" if self.addr.tls else "")
+                return
+            except LinkError as e:
+                errors.append(f"MQTT {v}: {e}")
+        raise LinkError(f"{self.client_id}: cannot connect to {self.addr.host}:{self.addr.port}: " + "; ".join(errors))
+
+    def _connect_once(self, version: str, timeout: float) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.close()
+        self.mqtt5 = version == "5"
+        proto = mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311
+        kwargs: dict[str, Any] = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": self.client_id, "protocol": proto}
+        if not self.mqtt5:
+            kwargs["clean_session"] = True
+        c = mqtt.Client(**kwargs)
+        c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
+        if self.username is not None:
+            c.username_pw_set(self.username, self.password)
+        if self.addr.tls:
+            c.tls_set(ca_certs=self.ca_file)
+        if self.will is not None:
+            c.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        c.max_inflight_messages_set(20)
+        self._connect_rc = None
+        self._connected.clear()
+        self._connect_failed.clear()
+        try:
+            c.connect(self.addr.host, self.addr.port, keepalive=self.keepalive)
+        except OSError as e:
+            raise LinkError(str(e)) from e
+        c.loop_start()
+        self._client = c
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._connected.is_set():
+            if self._connect_failed.is_set():
+                break
+            time.sleep(0.02)
+        if not self._connected.is_set():
+            rc = self._connect_rc
+            self.close()
+            raise LinkError(f"refused: {rc}" if rc is not None else f"no CONNACK within {timeout}s")
+
+    def subscribe(self, filt: str, qos: int = 1) -> None:
+        self._subs.append((filt, qos))
+        rc, _mid = self._require().subscribe(filt, qos=qos)
+        if rc != 0:
+            raise LinkError(f"subscribe {filt} failed: rc={rc}")
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0) -> int:
+        """QoS 1 publish that waits for the PUBACK; returns the PUBLISH packet's size in bytes."""
+        info = self._require().publish(topic, payload, qos=1, retain=retain)
+        try:
+            info.wait_for_publish(timeout=timeout)
+        except (RuntimeError, ValueError) as e:
+            raise LinkError(f"publish to {topic} failed: {e}") from e
+        if not info.is_published():
+            raise LinkError(f"publish to {topic}: no PUBACK within {timeout}s")
+        n = publish_packet_size(topic, len(payload), 1, self.mqtt5)
+        self.counter.add(self.counter.sent, topic, n)
+        return n
+
+    def get(self, timeout: float | None = None) -> Incoming | None:
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        c, self._client = self._client, None
+        if c is not None:
+            try:
+                c.disconnect()
+            finally:
+                c.loop_stop()
+
+    def _require(self) -> Any:
+        if self._client is None:
+            raise LinkError("not connected")
+        return self._client

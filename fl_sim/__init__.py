@@ -1,0 +1,1 @@
+"""The one-machine simulation: generated data, offline models, embedded broker, N devices."""

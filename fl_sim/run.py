@@ -1,0 +1,208 @@
+"""Run a whole simulation: prepare, start the broker, the aggregator and N devices, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fl_sim import prepare
+from fl_sim.report import write_report
+from shared.config import require
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    devices: int = 3
+    rounds: int = 6
+    out: str = "runs/demo"
+    broker: str | None = None  # None: start the embedded amqtt broker
+    data: str | None = None  # None: the generated task families
+    local_steps: int = 40
+    learning_rate: float = 3e-3
+    quorum: int | None = None  # None: ceil(0.6 * devices)
+    round_timeout_s: float = 300.0
+    split: str = "dirichlet"
+    alpha: float = 0.5
+    examples_per_family: int = 200
+    eval_per_family: int = 30
+    student: str | None = None
+    pretrain_steps: int = 300
+    seed: int = 0
+    keep_received: bool = False
+
+    def __post_init__(self) -> None:
+        require(1 <= self.devices <= 64, f"devices must be in 1..64 on one machine, got {self.devices}")
+        require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        require(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
+        require(self.split in ("dirichlet", "family"), f"split must be dirichlet or family, got {self.split!r}")
+        require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        require(self.quorum is None or 1 <= self.quorum <= self.devices, f"quorum must be in 1..{self.devices}, got {self.quorum}")
+        require(self.examples_per_family >= 10, "examples_per_family must be >= 10")
+        require(self.eval_per_family >= 1, "eval_per_family must be >= 1")
+        if self.data is not None:
+            require(Path(self.data).exists(), f"--data {self.data}: no such file or directory")
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum if self.quorum is not None else max(1, math.ceil(0.6 * self.devices))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"embedded broker exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"embedded broker did not listen on {port} within {timeout}s")
+
+
+class Fleet:
+    """The child processes, with their logs in ``out/logs``; stopped on exit whatever happens."""
+
+    def __init__(self, out: Path) -> None:
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        f = (self.logs / f"{name}.log").open("w")
+        p = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = p
+        return p
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            while p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for name, p in self.procs.items():
+            if p.poll() is None:
+                log.debug("terminating %s", name)
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+@dataclass
+class Launched:
+    """A running simulation: the processes, and what they were started with."""
+
+    settings: SimSettings
+    out: Path
+    fleet: Fleet
+    aggregator: subprocess.Popen
+    broker: str
+    student: str
+    device_ids: list[str]
+    t0: float
+
+
+def launch(s: SimSettings) -> Launched:
+    """Prepare data and models, start the broker (unless given), the aggregator and the devices."""
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "state.json"):
+        (out / stale).unlink(missing_ok=True)
+    t0 = time.monotonic()
+    if s.data:
+        data = prepare.user_data(Path(s.data), s.devices, s.seed)
+    else:
+        data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
+    shard_paths, eval_dir = prepare.write_data(out, data)
+    log.info("data: %s examples on %d devices, %d held-out families", [len(x) for x in data.shards], s.devices, len(data.heldout))
+    student = s.student
+    if student is None:
+        from fl_sim.models_cli import build_default
+
+        log.info("building offline models (tokenizer, student, teacher) ...")
+        student = build_default(out / "models", s.seed, s.pretrain_steps, extra_corpus=data.corpus if s.data else None)["student"]
+    device_ids = [f"device-{i}" for i in range(s.devices)]
+    fleet = Fleet(out)
+    try:
+        if s.broker:
+            broker, protocol = s.broker, "auto"
+        else:
+            port = _free_port()
+            bp = fleet.start("broker", ["-m", "fl_sim.broker", "--port", str(port)])
+            _wait_port(port, bp)
+            broker, protocol = f"mqtt://127.0.0.1:{port}", "3.1.1"  # amqtt speaks 3.1.1 only
+            log.warning("embedded broker on %s: no TLS, anonymous (one-machine simulation only)", broker)
+        agg_cfg = prepare.write_json(out / "config" / "aggregator.json", {
+            "broker": broker, "student": student, "eval_data": str(eval_dir), "out_dir": str(out),
+            "devices": device_ids, "rounds": s.rounds, "quorum": s.effective_quorum,
+            "min_devices_to_start": s.devices, "wait_for_devices_s": 180.0, "round_timeout_s": s.round_timeout_s,
+            "local_steps": s.local_steps, "learning_rate": s.learning_rate, "seed": s.seed, "protocol": protocol,
+            "torch_threads": 1, "eval_max_per_family": max(s.eval_per_family, 1), "keep_received": s.keep_received,
+        })
+        agg = fleet.start("aggregator", ["-m", "aggregator.cli", "run", "--config", str(agg_cfg)])
+        for dev, shard in zip(device_ids, shard_paths):
+            cfg = prepare.write_json(out / "config" / f"{dev}.json", {
+                "device_id": dev, "broker": broker, "data": str(shard), "student": student, "profile": "cpu-dev",
+                "work_dir": str(out / "edge" / dev), "protocol": protocol, "idle_timeout_s": s.round_timeout_s + 600,
+            })
+            fleet.start(dev, ["-m", "edge_client.cli", "run", "--config", str(cfg)])
+    except BaseException:
+        fleet.stop_all(grace=0)
+        raise
+    log.info("started aggregator and %d devices; logs in %s", s.devices, fleet.logs)
+    return Launched(s, out, fleet, agg, broker, student, device_ids, t0)
+
+
+def finish(run: Launched) -> Path:
+    """Follow progress until the aggregator exits, stop everything, write the report."""
+    s = run.settings
+    try:
+        _follow(run.out / "metrics.jsonl", run.aggregator, s.rounds)
+        if run.aggregator.returncode != 0:
+            raise RuntimeError(f"aggregator exited with code {run.aggregator.returncode}; see {run.fleet.logs / 'aggregator.log'}")
+    finally:
+        run.fleet.stop_all()
+    settings = {**{k: v for k, v in asdict(s).items() if v is not None}, "student": run.student, "quorum": s.effective_quorum,
+                "broker": run.broker, "wall_time_s": round(time.monotonic() - run.t0, 1)}
+    (run.out / "settings.json").write_text(json.dumps(settings, indent=2))
+    return write_report(run.out, settings)
+
+
+def simulate(s: SimSettings) -> Path:
+    return finish(launch(s))
+
+
+def _follow(metrics: Path, agg: subprocess.Popen, rounds: int) -> None:
+    """Show progress as the aggregator writes rounds, until it exits."""
+    seen = 0
+    while True:
+        done = agg.poll() is not None
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            for line in lines[seen:]:
+                r = json.loads(line)
+                em = r.get("mean_exact_match")
+                log.info("round %d/%d %-9s updates %d/%d  mean held-out loss %.4f  exact match %s", r["round"], rounds,
+                         r["status"], len(r["received"]), len(r["participants"]), r["mean_loss"], "n/a" if em is None else f"{em:.3f}")
+            seen = len(lines)
+        if done:
+            return
+        time.sleep(0.5)

@@ -1,0 +1,201 @@
+"""Typed, versioned messages and their byte encoding.
+
+Envelope: a msgpack map ``{"v": PROTOCOL_VERSION, "k": kind, "b": body}``; ``body`` holds exactly
+the fields of the kind's frozen dataclass. Decoding validates the version, the kind, every field
+name and every field's type, and rejects the rest with a typed ``ProtocolError`` subclass.
+Tensors are raw little-endian buffers (``shared.tensors.TensorBlob``); nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import msgpack
+
+from shared.errors import ProtocolError, SchemaError, TruncatedError, VersionError
+from shared.tensors import TensorBlob
+
+PROTOCOL_VERSION = 1
+# Refuse anything bigger before msgpack allocates for it; chunking handles larger payloads.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Message:
+    KIND: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter shape every participant must train, so updates can be summed."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.r <= 1024:
+            raise SchemaError(f"LoraSpec.r must be in 1..1024, got {self.r}")
+        if not self.target_modules:
+            raise SchemaError("LoraSpec.target_modules must not be empty")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SchemaError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DeviceStatus(Message):
+    """A device's presence and state; ``offline`` is also its retained last will."""
+
+    KIND: ClassVar[str] = "status"
+    device_id: str
+    state: Literal["online", "offline", "training", "declined"]
+    profile: str
+    num_examples: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class RoundSpec(Message):
+    """Broadcast by the aggregator to start a round. Carries the global adapter to start from."""
+
+    KIND: ClassVar[str] = "round"
+    round: int
+    participants: tuple[str, ...]
+    local_steps: int
+    learning_rate: float
+    lora: LoraSpec
+    base_digest: str  # sha256 of the student base weights; devices refuse a mismatch
+    deadline_s: float  # seconds from receipt the aggregator waits for this round's updates
+    seed: int
+    adapter: tuple[TensorBlob, ...]  # global LoRA weights, PEFT state-dict names
+
+
+@dataclass(frozen=True)
+class Update(Message):
+    """One device's adapter update for one round."""
+
+    KIND: ClassVar[str] = "update"
+    round: int
+    device_id: str
+    seq: int
+    num_examples: int
+    steps: int
+    train_loss: float
+    payload: Literal["delta"]  # difference to the round's global adapter, dense fp32
+    base_digest: str
+    tensors: tuple[TensorBlob, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    """Broadcast when the aggregator is done; simulated devices exit on it."""
+
+    KIND: ClassVar[str] = "shutdown"
+    reason: str
+
+
+KINDS: dict[str, type[Message]] = {c.KIND: c for c in (DeviceStatus, RoundSpec, Update, Shutdown)}
+
+
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message into its envelope bytes."""
+    if type(msg).KIND not in KINDS:
+        raise SchemaError(f"{type(msg).__name__} is not a registered message kind")
+    body = _to_wire(msg)
+    return msgpack.packb({"v": PROTOCOL_VERSION, "k": type(msg).KIND, "b": body}, use_bin_type=True)
+
+
+def _from_wire(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _from_wire(value, inner[0], where)
+        raise SchemaError(f"{where}: unsupported union")  # pragma: no cover - schema bug
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise SchemaError(f"{where}: {value!r} not one of {typing.get_args(tp)}")
+        return value
+    if origin is tuple:
+        (elem, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_from_wire(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (float, int)):
+            raise SchemaError(f"{where}: expected float, got {type(value).__name__}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SchemaError(f"{where}: expected int, got {type(value).__name__}")
+        return value
+    if tp in (str, bytes, bool):
+        if type(value) is not tp:
+            raise SchemaError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    raise SchemaError(f"{where}: unsupported field type {tp}")  # pragma: no cover - schema bug
+
+
+def _build(cls: Any, body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise SchemaError(f"{where}: expected a map, got {type(body).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    extra = sorted(str(k) for k in set(body) - set(names))
+    missing = [n for n in names if n not in body]
+    if extra or missing:
+        raise SchemaError(f"{where}: unknown field(s) {extra}, missing field(s) {missing}")
+    kwargs = {n: _from_wire(body[n], hints[n], f"{where}.{n}") for n in names}
+    try:
+        return cls(**kwargs)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"{where}: {e}") from e
+
+
+def decode(data: bytes, expect: type[Message] | None = None) -> Message:
+    """Decode and validate envelope bytes. Raises VersionError, SchemaError or TruncatedError."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise SchemaError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        env = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except msgpack.ExtraData as e:
+        raise SchemaError(f"trailing bytes after the message: {e}") from e
+    except ValueError as e:
+        # msgpack reports a short buffer as ValueError("Unpack failed: incomplete input").
+        if "incomplete" in str(e) or not data:
+            raise TruncatedError(f"payload ended early ({len(data)} bytes): {e}") from e
+        raise SchemaError(f"not a msgpack envelope: {e}") from e
+    except Exception as e:  # msgpack raises a variety of types on garbage; all mean "not ours".
+        raise SchemaError(f"not a msgpack envelope: {type(e).__name__}: {e}") from e
+    if not isinstance(env, dict) or set(env) != {"v", "k", "b"}:
+        raise SchemaError("envelope must be a map with exactly the keys v, k, b")
+    if env["v"] != PROTOCOL_VERSION:
+        raise VersionError(f"protocol version {env['v']!r}; this build speaks {PROTOCOL_VERSION}")
+    kind = env["k"]
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise SchemaError(f"unknown message kind {kind!r}")
+    cls = KINDS[kind]
+    if expect is not None and cls is not expect:
+        raise SchemaError(f"expected a {expect.KIND!r} message, got {kind!r}")
+    msg: Message = _build(cls, env["b"], cls.__name__)
+    return msg

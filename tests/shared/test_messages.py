@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from shared import messages as M
+from shared import tensors
+from shared.errors import ProtocolError, SchemaError, TruncatedError, VersionError
+
+LORA = M.LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+ADAPTER = tensors.pack({"a.lora_A.weight": np.arange(8, dtype=np.float32).reshape(2, 4), "a.lora_B.weight": np.ones((4, 2), np.float32)})
+
+SAMPLES: list[M.Message] = [
+    M.DeviceStatus(device_id="dev-1", state="online", profile="cpu-dev", num_examples=12, detail=""),
+    M.RoundSpec(round=3, participants=("dev-1", "dev-2"), local_steps=10, learning_rate=1e-3, lora=LORA,
+                base_digest="ab" * 32, deadline_s=60.0, seed=7, adapter=ADAPTER),
+    M.Update(round=3, device_id="dev-1", seq=1, num_examples=12, steps=10, train_loss=1.5, payload="delta",
+             base_digest="ab" * 32, tensors=ADAPTER),
+    M.Shutdown(reason="done"),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.KIND)
+def test_round_trip(msg: M.Message) -> None:
+    data = M.encode(msg)
+    assert M.decode(data) == msg
+    assert M.decode(data, expect=type(msg)) == msg
+    assert M.encode(M.decode(data)) == data  # deterministic bytes
+
+
+def test_tensor_values_survive() -> None:
+    up = M.decode(M.encode(SAMPLES[2]))
+    assert isinstance(up, M.Update)
+    arrs = tensors.unpack(up.tensors)
+    np.testing.assert_array_equal(arrs["a.lora_A.weight"], np.arange(8, dtype=np.float32).reshape(2, 4))
+
+
+def _env(**over: object) -> bytes:
+    env = msgpack.unpackb(M.encode(SAMPLES[2]), raw=False)
+    env.update(over)
+    return msgpack.packb(env, use_bin_type=True)
+
+
+def _body(**over: object) -> bytes:
+    env = msgpack.unpackb(M.encode(SAMPLES[2]), raw=False)
+    env["b"].update(over)
+    return msgpack.packb(env, use_bin_type=True)
+
+
+def test_wrong_version_is_a_version_error() -> None:
+    with pytest.raises(VersionError, match="protocol version 2"):
+        M.decode(_env(v=2))
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (_env(k="nope"), "unknown message kind"),
+    (_body(extra=1), "unknown field"),
+    (_body(round="3"), "expected int"),
+    (_body(train_loss=True), "expected float"),
+    (_body(payload="weights"), "not one of"),
+    (_body(tensors=[{"name": "x", "dtype": "float64", "shape": [1], "data": b"\0" * 8}]), "dtype"),
+    (_body(tensors=[{"name": "x", "dtype": "float32", "shape": [3], "data": b"\0" * 8}]), "expected 12"),
+    (msgpack.packb([1, 2, 3]), "envelope"),
+    (b"\xc1garbage", "msgpack"),
+])
+def test_bad_schema_is_a_schema_error(data: bytes, match: str) -> None:
+    with pytest.raises(SchemaError, match=match):
+        M.decode(data)
+
+
+def test_missing_field() -> None:
+    env = msgpack.unpackb(M.encode(SAMPLES[2]), raw=False)
+    del env["b"]["seq"]
+    with pytest.raises(SchemaError, match="missing field"):
+        M.decode(msgpack.packb(env, use_bin_type=True))
+
+
+def test_expect_other_kind() -> None:
+    with pytest.raises(SchemaError, match="expected a 'update'"):
+        M.decode(M.encode(SAMPLES[0]), expect=M.Update)
+
+
+def test_every_truncation_is_rejected_with_a_typed_error() -> None:
+    data = M.encode(SAMPLES[1])
+    kinds = set()
+    for n in range(len(data)):
+        with pytest.raises(ProtocolError) as ei:
+            M.decode(data[:n])
+        kinds.add(type(ei.value))
+    assert TruncatedError in kinds
+    assert kinds <= {TruncatedError, SchemaError}
+
+
+def test_trailing_bytes_rejected() -> None:
+    with pytest.raises(SchemaError, match="trailing"):
+        M.decode(M.encode(SAMPLES[0]) + b"\x00")
