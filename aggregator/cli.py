@@ -1,32 +1,81 @@
-"""``fl-agg``: run the aggregator service."""
+"""``fl-agg``: run the aggregator; make its keys; enroll devices; write a broker config."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from shared.errors import ConfigError, ProtocolError
+
+log = logging.getLogger("fl-agg")
+
+
+def keygen(out: Path, force: bool) -> None:
+    """``aggregator.key`` (0600) and ``aggregator.pub.json`` (pin it in every device's config)."""
+    from shared.crypto import generate_keys, save_private_keys, save_public_keys
+
+    keys = generate_keys()
+    out.mkdir(parents=True, exist_ok=True)
+    save_private_keys(keys, out / "aggregator.key", overwrite=force)
+    save_public_keys(keys.public, out / "aggregator.pub.json")
+    log.info("wrote %s (private, 0600) and %s", out / "aggregator.key", out / "aggregator.pub.json")
+
+
+def enroll(device_id: str, pubkey_file: Path, registry_path: Path) -> None:
+    from aggregator import registry
+    from shared.crypto import load_public_keys
+
+    pub = load_public_keys(pubkey_file)
+    registry.enroll(registry_path, device_id, pub)
+    log.info("enrolled %s (key fingerprint %s) in %s", device_id, pub.fingerprint(), registry_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-agg", description="FL-MiniLLM aggregator")
+    ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run federated rounds")
     run.add_argument("--config", required=True, help="aggregator config (.json or .toml)")
-    run.add_argument("--log-level", default="INFO")
+    kg = sub.add_parser("keygen", help="create the aggregator's keys")
+    kg.add_argument("--out", required=True, type=Path)
+    kg.add_argument("--force", action="store_true")
+    en = sub.add_parser("enroll", help="register a device's public keys")
+    en.add_argument("device_id")
+    en.add_argument("pubkey_file", type=Path)
+    en.add_argument("--registry", type=Path, default=Path("registry.json"))
+    bc = sub.add_parser("broker-config", help="write a Mosquitto config with TLS, passwords and ACLs")
+    bc.add_argument("--out", required=True, type=Path)
+    bc.add_argument("--devices", required=True, help="comma-separated device ids")
+    bc.add_argument("--port", type=int, default=8883)
+    bc.add_argument("--host", default="127.0.0.1")
+    bc.add_argument("--no-tls", action="store_true", help="plaintext listener (NOT for real deployments)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.cmd == "run":
-        from aggregator.config import load
-        from aggregator.server import Aggregator
-        from fl_mqtt.link import LinkError
+    from fl_mqtt.link import LinkError
 
-        try:
+    try:
+        if args.cmd == "keygen":
+            keygen(args.out, args.force)
+        elif args.cmd == "enroll":
+            enroll(args.device_id, args.pubkey_file, args.registry)
+        elif args.cmd == "broker-config":
+            from aggregator.broker_config import write_broker_config
+
+            if args.no_tls:
+                log.warning("writing a broker config WITHOUT TLS: passwords and payload sizes travel in clear")
+            files = write_broker_config(args.out, [d for d in args.devices.split(",") if d], tls=not args.no_tls,
+                                        port=args.port, host=args.host)
+            log.info("wrote %s; per-device credentials in %s", files.conf_path, args.out)
+        else:
+            from aggregator.config import load
+            from aggregator.server import Aggregator
+
             Aggregator(load(args.config)).run()
-        except (ConfigError, ProtocolError, LinkError) as e:
-            logging.getLogger("fl-agg").error("%s", e)
-            return 2
+    except (ConfigError, ProtocolError, LinkError, FileExistsError, ValueError) as e:
+        log.error("%s", e)
+        return 2
     return 0
 
 

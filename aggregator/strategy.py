@@ -55,5 +55,8 @@ class FedAvg:
         return ids
 
     def aggregate(self, global_state: dict[str, np.ndarray], replies: Sequence[Reply]) -> dict[str, np.ndarray]:
-        mean = weighted_mean(replies)
+        return self.apply(global_state, weighted_mean(replies))
+
+    def apply(self, global_state: dict[str, np.ndarray], mean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One server step from the mean delta (all the server knows under secure aggregation)."""
         return {k: (global_state[k] + self.server_lr * mean[k]).astype(np.float32) for k in global_state}

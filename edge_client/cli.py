@@ -1,32 +1,53 @@
-"""``fl-edge``: run a device."""
+"""``fl-edge``: run a device, or make its keys."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from shared.errors import ConfigError, ProtocolError
+
+log = logging.getLogger("fl-edge")
+
+
+def keygen(out: Path, force: bool) -> None:
+    """Write ``device.key`` (private, 0600) and ``device.pub.json`` (give it to the aggregator)."""
+    from shared.crypto import generate_keys, save_private_keys, save_public_keys
+
+    keys = generate_keys()
+    out.mkdir(parents=True, exist_ok=True)
+    save_private_keys(keys, out / "device.key", overwrite=force)
+    save_public_keys(keys.public, out / "device.pub.json")
+    log.info("wrote %s (private, 0600) and %s; enroll with: fl-agg enroll DEVICE_ID %s",
+             out / "device.key", out / "device.pub.json", out / "device.pub.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-edge", description="FL-MiniLLM edge client")
+    ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="connect to the broker and take part in rounds")
     run.add_argument("--config", required=True, help="device config (.json or .toml)")
-    run.add_argument("--log-level", default="INFO")
+    kg = sub.add_parser("keygen", help="create this device's signing and encryption keys")
+    kg.add_argument("--out", required=True, type=Path, help="directory for device.key and device.pub.json")
+    kg.add_argument("--force", action="store_true", help="overwrite an existing private key")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.cmd == "run":
-        from edge_client.client import EdgeClient
-        from edge_client.config import load
-        from fl_mqtt.link import LinkError
+    from fl_mqtt.link import LinkError
 
-        try:
+    try:
+        if args.cmd == "keygen":
+            keygen(args.out, args.force)
+        else:
+            from edge_client.client import EdgeClient
+            from edge_client.config import load
+
             EdgeClient(load(args.config)).run()
-        except (ConfigError, ProtocolError, LinkError) as e:
-            logging.getLogger("fl-edge").error("%s", e)
-            return 2
+    except (ConfigError, ProtocolError, LinkError, FileExistsError) as e:
+        log.error("%s", e)
+        return 2
     return 0
 
 

@@ -1,18 +1,34 @@
-"""The device's round loop: wait for a RoundSpec naming us, train, publish the update."""
+"""The device's round loop: wait for a RoundSpec naming us, train, publish the update.
+
+With secure aggregation the round is a short conversation before training: advertise keys, share
+mask seeds with neighbours (relayed, sealed pairwise), then train and send the masked vector,
+then answer the aggregator's unmask request. The update itself is built by ``update_builder``.
+
+With security on (the default) every RoundSpec must verify under the pinned aggregator key and be
+for a round after the last one seen; every update is sealed to the aggregator and signed; every
+status is signed. Large payloads travel in chunks; uploads are journaled so a restarted device
+resumes an interrupted one instead of starting over.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edge_client import update_builder
 from edge_client.budget import BudgetExceeded, check_model, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
-from shared import tensors, topics
+from shared import secagg, secure, sparse, tensors, topics
+from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, UploadJournal, decode_frame
+from shared.crypto import load_private_keys, load_public_keys
 from shared.datasets import Example, load_file
-from shared.errors import ProtocolError
+from shared.errors import ConfigError, ProtocolError, ReplayError, SchemaError
 from shared.profiles import load_profile
 
 log = logging.getLogger(__name__)
@@ -23,6 +39,16 @@ class EdgeClient:
         self.cfg = cfg
         self.profile = load_profile(cfg.profile)
         self.examples: list[Example] = load_file(cfg.data)
+        self.work = Path(cfg.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.keys = load_private_keys(cfg.keys) if cfg.keys and not cfg.insecure else None
+        self.agg_pub = load_public_keys(cfg.aggregator_keys) if cfg.aggregator_keys and not cfg.insecure else None
+        if cfg.insecure:
+            log.warning("%s: SECURITY OFF (insecure = true): updates go unencrypted and unsigned, "
+                        "announcements are not verified. Debug use only.", cfg.device_id)
+        self.policy = ChunkPolicy(max_message_bytes=cfg.chunk_bytes)
+        self.outbox = UploadJournal(self.work / "outbox")
+        self.downloads = Reassembler(max_transfers=4, max_transfer_bytes=1 << 30, max_total_bytes=1 << 30)
         self.seq = 0
         self._model: Any = None
         self._tok: Any = None
@@ -31,6 +57,29 @@ class EdgeClient:
         self.digest = ""
         self.link: Any = None
         self.last_round = -1
+        # Secure-aggregation round in progress: its spec and the protocol state between stages.
+        self.sa_spec: M.RoundSpec | None = None
+        self.sa_state: secagg.ClientState | None = None
+        self.residual = self._load_residual()
+
+    # -- error feedback ------------------------------------------------------------------------
+    def _load_residual(self) -> np.ndarray | None:
+        p = self.work / "residual.npy"
+        if not p.exists():
+            return None
+        try:
+            r = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("%s: ignoring unreadable residual %s: %s", self.cfg.device_id, p, e)
+            return None
+        return r.astype(np.float32) if r.ndim == 1 else None
+
+    def _save_residual(self, r: np.ndarray) -> None:
+        tmp = self.work / "residual.npy.tmp"
+        with tmp.open("wb") as f:
+            np.save(f, r, allow_pickle=False)
+        tmp.replace(self.work / "residual.npy")
+        self.residual = r
 
     # -- model ---------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -57,8 +106,8 @@ class EdgeClient:
             self._lora = spec
         return self._peft
 
-    def train_round(self, spec: M.RoundSpec) -> M.Update:
-        """Pure with respect to the network: RoundSpec in, Update out."""
+    def train_delta(self, spec: M.RoundSpec) -> tuple[dict[str, np.ndarray], Any]:
+        """Local LoRA training from the round's global adapter; returns (delta, training result)."""
         from fl_lm.lora import get_adapter, set_adapter, sub
         from fl_lm.train import train_lora
 
@@ -72,19 +121,83 @@ class EdgeClient:
         res = train_lora(peft, self._tok, self.examples, steps=steps, lr=spec.learning_rate,
                          batch_size=self.profile.batch_size, max_len=self.profile.max_seq_len,
                          seed=spec.seed + zlib.crc32(self.cfg.device_id.encode()) % 10_000)
-        delta = sub(get_adapter(peft), start)
         log.info("%s: round %d trained %d steps in %.1fs, loss %.3f -> %.3f",
                  self.cfg.device_id, spec.round, res.steps, time.monotonic() - t0, res.first_loss, res.last_loss)
+        return sub(get_adapter(peft), start), res
+
+    def _flat(self, spec: M.RoundSpec, delta: dict[str, np.ndarray]) -> np.ndarray:
+        flat = sparse.flatten(delta, sparse.Layout.from_tensors(delta))
+        if flat.size != spec.sparse.dim:
+            raise SchemaError(f"round {spec.round}: adapter has {flat.size} coordinates, the spec says {spec.sparse.dim}")
+        if self.residual is not None and self.residual.shape != flat.shape:
+            log.warning("%s: residual shape %s no longer matches the adapter; starting a fresh one", self.cfg.device_id, self.residual.shape)
+            self.residual = None
+        return flat
+
+    def _keep(self, rnd: int, sent: np.ndarray) -> None:
+        if self.cfg.keep_sent:
+            d = self.work / "sent"
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / f"round_{rnd:04d}.npy", sent, allow_pickle=False)
+
+    def train_round(self, spec: M.RoundSpec) -> M.Update | M.SparseUpdate:
+        """Secure aggregation off. Pure with respect to the network: RoundSpec in, update out."""
+        delta, res = self.train_delta(spec)
         self.seq += 1
-        return M.Update(round=spec.round, device_id=self.cfg.device_id, seq=self.seq, num_examples=len(self.examples),
-                        steps=res.steps, train_loss=res.mean_loss, payload="delta", base_digest=self.digest,
-                        tensors=tensors.pack(delta))
+        common = dict(round=spec.round, device_id=self.cfg.device_id, seq=self.seq, num_examples=len(self.examples),
+                      steps=res.steps, train_loss=res.mean_loss, base_digest=self.digest)
+        if spec.sparse.method == "dense":
+            self._keep(spec.round, sparse.flatten(delta, sparse.Layout.from_tensors(delta)))
+            return M.Update(payload="delta", tensors=tensors.pack(delta), **common)  # type: ignore[arg-type]
+        built = update_builder.plain(self._flat(spec, delta), self.residual, spec.sparse)
+        self._save_residual(built.residual)
+        self._keep(spec.round, built.sent)
+        return M.SparseUpdate(encoding=built.encoding, values=built.values, **common)  # type: ignore[arg-type]
+
+    # -- wire ----------------------------------------------------------------------------------
+    def _wrap(self, msg: M.Message, rnd: int, sealed: bool) -> bytes:
+        if self.cfg.insecure:
+            return M.encode(msg)
+        assert self.keys is not None and self.agg_pub is not None
+        if sealed:
+            return secure.seal_message(msg, round=rnd, device_id=self.cfg.device_id, sender=self.keys, recipient=self.agg_pub)
+        return secure.sign_message(msg, round=rnd, device_id=self.cfg.device_id, key=self.keys)
+
+    def _status(self, state: str, detail: str = "") -> bytes:
+        st = M.DeviceStatus(device_id=self.cfg.device_id, state=state, profile=self.profile.name,  # type: ignore[arg-type]
+                            num_examples=len(self.examples), detail=detail)
+        return self._wrap(st, 0, sealed=False)
+
+    def _unwrap(self, data: bytes, expect: type[M.Message], device_id: str, check_round: Any) -> M.Message:
+        if self.cfg.insecure:
+            msg = M.decode(data, expect=expect)
+            check_round(getattr(msg, "round", 0))
+            return msg
+        assert self.agg_pub is not None
+        return secure.open_message(data, expect, device_id=device_id, check_round=check_round, recipient=None,
+                                   sender=self.agg_pub, sealed=False)
+
+    def _future_round(self, r: int) -> None:
+        if r <= self.last_round:
+            raise ReplayError(f"announcement for round {r}; round {self.last_round} already seen")
+
+    def _not_past_round(self, r: int) -> None:
+        if r < self.last_round:
+            raise ReplayError(f"shutdown bound to round {r}, before the last round seen ({self.last_round})")
+
+    def send(self, kind: str, payload: bytes) -> int:
+        me = self.cfg.device_id
+        return int(self.link_send(topics.up(me, kind), topics.up(me, "chunk"), payload))
+
+    def link_send(self, topic: str, chunk_topic: str, payload: bytes) -> int:
+        from fl_mqtt.transfer import send
+
+        return send(self.link, topic, chunk_topic, payload, self.policy, self.outbox)
+
+    def publish_status(self, state: str, detail: str = "", timeout: float = 60.0) -> None:
+        self.link.publish(topics.up(self.cfg.device_id, "status"), self._status(state, detail), retain=True, timeout=timeout)
 
     # -- network -------------------------------------------------------------------------------
-    def _status(self, state: str, detail: str = "") -> bytes:
-        return M.encode(M.DeviceStatus(device_id=self.cfg.device_id, state=state, profile=self.profile.name,  # type: ignore[arg-type]
-                                       num_examples=len(self.examples), detail=detail))
-
     def connect(self) -> None:
         from fl_mqtt.link import MqttLink
 
@@ -94,36 +207,171 @@ class EdgeClient:
         self.link.connect(c.connect_timeout_s)
         self.link.subscribe(topics.bcast_filter())
         self.link.subscribe(topics.down_filter(c.device_id))
-        self.link.publish(topics.up(c.device_id, "status"), self._status("online"), retain=True)
+        self.publish_status("online")
+        self.resume_uploads()
+
+    def resume_uploads(self) -> None:
+        """Finish uploads a previous run of this device left half done (chunks not yet PUBACKed)."""
+        for m in self.outbox.unfinished():
+            blob = self.work / "outbox" / f"{m.xfer_id}.payload"
+            if not blob.exists():
+                self.outbox.finish(m.xfer_id)
+                continue
+            log.info("%s: resuming upload %s (%d of %d chunks left)", self.cfg.device_id, m.xfer_id, len(self.outbox.pending(m.xfer_id)), m.count)
+            self.send("update", blob.read_bytes())
+            blob.unlink(missing_ok=True)
+
+    def send_update(self, update: M.Update | M.SparseUpdate | M.MaskedUpdate) -> int:
+        payload = self._wrap(update, update.round, sealed=True)
+        # Keep the exact (sealed) bytes until every chunk is acknowledged, so a restart resumes
+        # the same transfer instead of resealing, which would produce different bytes.
+        from shared.chunking import needs_chunking, split
+
+        if not needs_chunking(len(payload), self.policy):
+            return self.send("update", payload)
+        m = split(payload, self.policy)
+        self.outbox.begin(m)
+        (self.work / "outbox" / f"{m.xfer_id}.payload").write_bytes(payload)
+        n = self.send("update", payload)
+        (self.work / "outbox" / f"{m.xfer_id}.payload").unlink(missing_ok=True)
+        return n
 
     def handle(self, topic: str, payload: bytes) -> bool:
         """Process one incoming message; returns False when the device should stop."""
+        me = self.cfg.device_id
         try:
-            msg = M.decode(payload)
-        except ProtocolError as e:
-            log.warning("%s: rejected message on %s: %s: %s", self.cfg.device_id, topic, type(e).__name__, e)
+            t = topics.parse(topic)
+            if t.kind == "chunk":
+                frame = decode_frame(payload)
+                done = None
+                if isinstance(frame, Manifest):
+                    self.downloads.start(frame, sender=topic)
+                elif isinstance(frame, Chunk):
+                    done = self.downloads.add(frame, sender=topic)
+                if done is None:
+                    return True
+                kind = self._kind_of(done)
+                payload = done
+            else:
+                kind = t.kind
+            if kind == "shutdown":
+                msg = self._unwrap(payload, M.Shutdown, secure.BROADCAST, self._not_past_round)
+                log.info("%s: aggregator shut down (%s)", me, msg.reason)  # type: ignore[attr-defined]
+                return False
+            if kind == "secagg":
+                msg = self._unwrap(payload, M.SecAggMsg, me, self._secagg_round)
+                assert isinstance(msg, M.SecAggMsg)
+                self.on_secagg(msg)
+                return True
+            if kind != "round":
+                return True
+            spec = self._unwrap(payload, M.RoundSpec, me, self._future_round)
+        except (secagg.SecAggAbort, ConfigError) as e:
+            log.warning("%s: secure aggregation of round %s aborted: %s", me, self.last_round, e)
+            self.sa_spec = self.sa_state = None
             return True
-        if isinstance(msg, M.Shutdown):
-            log.info("%s: aggregator shut down (%s)", self.cfg.device_id, msg.reason)
-            return False
-        if isinstance(msg, M.RoundSpec):
-            if self.cfg.device_id not in msg.participants:
-                return True
-            if msg.round <= self.last_round:
-                log.warning("%s: ignoring RoundSpec for past round %d", self.cfg.device_id, msg.round)
-                return True
-            self.last_round = msg.round
-            self.link.publish(topics.up(self.cfg.device_id, "status"), self._status("training", f"round {msg.round}"), retain=True)
+        except ProtocolError as e:
+            log.warning("%s: rejected message on %s: %s: %s", me, topic, type(e).__name__, e)
+            return True
+        assert isinstance(spec, M.RoundSpec)
+        if me not in spec.participants:
+            return True
+        self.last_round = spec.round
+        if spec.secagg is not None:
             try:
-                update = self.train_round(msg)
-            except BudgetExceeded as e:
-                log.warning("%s: declining round %d: %s", self.cfg.device_id, msg.round, e)
-                self.link.publish(topics.up(self.cfg.device_id, "status"), self._status("declined", str(e)), retain=True)
-                return True
-            n = self.link.publish(topics.up(self.cfg.device_id, "update"), M.encode(update))
-            log.info("%s: round %d update sent (%d bytes on the wire)", self.cfg.device_id, msg.round, n)
-            self.link.publish(topics.up(self.cfg.device_id, "status"), self._status("online"), retain=True)
+                self.start_secagg(spec)
+            except (ProtocolError, ConfigError) as e:
+                log.warning("%s: cannot join secure aggregation of round %d: %s", me, spec.round, e)
+                self.sa_spec = self.sa_state = None
+                self.publish_status("declined", str(e))
+            return True
+        self.publish_status("training", f"round {spec.round}")
+        try:
+            update = self.train_round(spec)
+        except BudgetExceeded as e:
+            log.warning("%s: declining round %d: %s", me, spec.round, e)
+            self.publish_status("declined", str(e))
+            return True
+        n = self.send_update(update)
+        log.info("%s: round %d update sent (%d bytes on the wire)", me, spec.round, n)
+        self.publish_status("online")
         return True
+
+    # -- secure aggregation --------------------------------------------------------------------
+    def _kind_of(self, payload: bytes) -> str:
+        if self.cfg.insecure:
+            return type(M.decode(payload)).KIND
+        return secure.peek(payload)[0].kind
+
+    def _secagg_round(self, r: int) -> None:
+        if self.sa_spec is None or r != self.sa_spec.round:
+            raise ReplayError(f"secure-aggregation message for round {r}; the open round is "
+                              f"{self.sa_spec.round if self.sa_spec else 'none'}")
+
+    def _send_secagg(self, rnd: int, body: bytes) -> int:
+        msg = M.SecAggMsg(round=rnd, device_id=self.cfg.device_id, body=body)
+        return self.send("secagg", self._wrap(msg, rnd, sealed=True))
+
+    def start_secagg(self, spec: M.RoundSpec) -> None:
+        """Stage 0: fresh keys for this round, advertised to the aggregator."""
+        sa = spec.secagg
+        assert sa is not None
+        if len(sa.node_ids) != len(spec.participants):
+            raise SchemaError("secagg node_ids and participants differ in length")
+        if spec.sparse.method == "device_topk":
+            raise SchemaError("device_topk sparsity cannot be securely aggregated")
+        node = sa.node_ids[spec.participants.index(self.cfg.device_id)]
+        params = secagg.SecAggParams(round_id=spec.round, node_ids=sa.node_ids, threshold=sa.threshold,
+                                     dim=spec.sparse.k, graph_seed=sa.graph_seed)
+        self.sa_state, adv = secagg.client_advertise(params, node)
+        self.sa_spec = spec
+        self._send_secagg(spec.round, secagg.encode(adv))
+        log.info("%s: round %d secure aggregation as node %d (t=%d, %d coordinates)", self.cfg.device_id, spec.round,
+                 node, sa.threshold, spec.sparse.k)
+
+    def on_secagg(self, msg: M.SecAggMsg) -> None:
+        spec, state = self.sa_spec, self.sa_state
+        assert spec is not None and state is not None
+        inner = secagg.decode(msg.body)
+        if isinstance(inner, secagg.NeighbourKeys):
+            self.sa_state, out = secagg.client_share_keys(state, inner)
+            self._send_secagg(spec.round, secagg.encode(out))
+        elif isinstance(inner, secagg.ForwardedShares):
+            self.masked_round(spec, state, inner)
+        elif isinstance(inner, secagg.UnmaskRequest):
+            self.sa_state, ans = secagg.client_unmask(state, inner)
+            self._send_secagg(spec.round, secagg.encode(ans))
+            self.sa_spec = self.sa_state = None  # this round's secrets are gone
+            log.info("%s: round %d unmask shares sent", self.cfg.device_id, spec.round)
+        else:
+            raise SchemaError(f"unexpected secure-aggregation message {type(inner).__name__} from the aggregator")
+
+    def masked_round(self, spec: M.RoundSpec, state: secagg.ClientState, shares: secagg.ForwardedShares) -> None:
+        """Stage 2: train, build the clipped, sparse, quantized input, mask it, send it sealed."""
+        sa = spec.secagg
+        assert sa is not None
+        me = self.cfg.device_id
+        self.publish_status("training", f"round {spec.round}")
+        try:
+            delta, res = self.train_delta(spec)
+        except BudgetExceeded as e:
+            log.warning("%s: declining round %d: %s", me, spec.round, e)
+            self.publish_status("declined", str(e))
+            self.sa_spec = self.sa_state = None
+            return
+        built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples))
+        assert built.x is not None
+        self.sa_state, masked = secagg.client_masked_input(state, shares, built.x)
+        self._save_residual(built.residual)
+        self._keep(spec.round, built.sent)
+        self.seq += 1
+        up = M.MaskedUpdate(round=spec.round, device_id=me, seq=self.seq, num_examples=len(self.examples),
+                            steps=res.steps, train_loss=res.mean_loss, base_digest=self.digest,
+                            masked=sparse.pack_ring(np.frombuffer(masked.masked, dtype="<u4"), sa.ring_bits))
+        n = self.send_update(up)
+        log.info("%s: round %d masked update sent (%d coordinates, %.1f%% clipped at %g, residual norm %.3g, %d bytes on the wire)",
+                 me, spec.round, spec.sparse.k, 100 * built.clipped, sa.clip, float(np.linalg.norm(built.residual)), n)
+        self.publish_status("online")
 
     def run(self) -> None:
         self.load_model()
@@ -132,6 +380,7 @@ class EdgeClient:
         try:
             while True:
                 inc = self.link.get(timeout=1.0)
+                self.downloads.expire()
                 if inc is None:
                     if self.cfg.idle_timeout_s and time.monotonic() - idle_since > self.cfg.idle_timeout_s:
                         log.warning("%s: no message for %.0fs, exiting", self.cfg.device_id, self.cfg.idle_timeout_s)
@@ -142,9 +391,7 @@ class EdgeClient:
                     break
         finally:
             try:
-                self.link.publish(topics.up(self.cfg.device_id, "status"), self._status("offline", "stopped"), retain=True, timeout=5)
+                self.publish_status("offline", "stopped", timeout=5)
             except Exception as e:  # best effort on the way out; the will covers a dead link
                 log.debug("could not publish offline status: %s", e)
             self.link.close()
-
-

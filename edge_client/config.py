@@ -20,8 +20,17 @@ class EdgeConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    # Security (on unless ``insecure``): this device's private keys (``fl-edge keygen``) and the
+    # aggregator's public keys, pinned here rather than learnt from the network.
+    keys: str | None = None
+    aggregator_keys: str | None = None
+    insecure: bool = False
+    chunk_bytes: int = 256 * 1024  # largest MQTT payload we send; bigger ones are chunked
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 0.0  # exit after this long without a message; 0 = never
+    # Audit: keep a plaintext copy of each round's contribution under work_dir/sent/ (it never
+    # leaves the device; an auditor compares it with what the aggregator could compute).
+    keep_sent: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -29,6 +38,10 @@ class EdgeConfig:
         except ValueError as e:
             require(False, f"device_id: {e}")
         require(self.protocol in ("auto", "5", "3.1.1"), f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
+        if not self.insecure:
+            require(self.keys is not None and self.aggregator_keys is not None,
+                    "keys and aggregator_keys are required (run `fl-edge keygen`); set insecure = true only for debugging")
+        require(4096 <= self.chunk_bytes <= 256 * 1024 * 1024, f"chunk_bytes must be in 4096..268435456, got {self.chunk_bytes}")
         require(self.connect_timeout_s > 0, f"connect_timeout_s must be > 0, got {self.connect_timeout_s}")
         require(self.idle_timeout_s >= 0, f"idle_timeout_s must be >= 0, got {self.idle_timeout_s}")
 

@@ -93,6 +93,9 @@ def pretrain(model_dir: Path, examples: Sequence[Example], steps: int, seed: int
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
     model.train()
+    # One thread: tiny matmuls gain nothing from two, and OpenMP spin-waits badly on a busy box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses: list[float] = []
     for step, batch in enumerate(batches(tok, list(examples), batch_size, 128, seed, steps)):
@@ -102,7 +105,8 @@ def pretrain(model_dir: Path, examples: Sequence[Example], steps: int, seed: int
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if step % 100 == 0:
-            log.info("pretrain %s step %d/%d loss %.3f", model_dir.name, step, steps, loss)
+            log.info("pretrain %s step %d/%d loss %.3f", model_dir.name, step, steps, losses[-1])
+    torch.set_num_threads(threads)
     model.save_pretrained(model_dir, safe_serialization=True)
     return sum(losses[-20:]) / max(1, len(losses[-20:]))
 

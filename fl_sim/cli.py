@@ -19,6 +19,9 @@ def parse(argv: list[str] | None) -> SimSettings:
     ap.add_argument("--rounds", type=int, default=d.rounds)
     ap.add_argument("--out", default=d.out, help="output directory (metrics.jsonl, report.md, metrics.png)")
     ap.add_argument("--broker", default=None, help="use this broker (mqtt://HOST:PORT) instead of the embedded one")
+    ap.add_argument("--broker-mode", choices=("embedded", "mosquitto"), default=d.broker_mode,
+                    help="without --broker: embedded amqtt (no TLS) or a Mosquitto started with TLS, passwords and ACLs")
+    ap.add_argument("--insecure", action="store_true", help="turn OFF end-to-end encryption and signatures (debug only)")
     ap.add_argument("--data", default=None, help="your JSONL/text: a directory with one file per device, or one file split across devices")
     ap.add_argument("--local-steps", type=int, default=d.local_steps)
     ap.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -31,11 +34,21 @@ def parse(argv: list[str] | None) -> SimSettings:
     ap.add_argument("--student", default=None, help="student base id or path; default: build the offline models")
     ap.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=d.secagg,
+                    help="secure aggregation (default on): the aggregator learns only the sum of the updates")
+    ap.add_argument("--density", type=float, default=d.density, help="fraction of adapter coordinates sent per round (1.0 = dense)")
+    ap.add_argument("--sparse-method", choices=("topk", "random", "device_topk"), default=d.sparse_method,
+                    help="shared global top-k (default), seeded random-k, or per-device top-k (needs --no-secagg)")
+    ap.add_argument("--ring-bits", type=int, default=d.ring_bits, help="bits per masked value on the wire (8..32)")
+    ap.add_argument("--clip", type=float, default=d.clip, help="per-coordinate clip of sent values (the rest is kept for later rounds)")
+    ap.add_argument("--keep-sent", action="store_true", help="devices keep a plaintext copy of each contribution (audit)")
     ap.add_argument("--keep-received", action="store_true", help="store every received update's bytes (debug/audit)")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level, format="%(asctime)s fl-sim %(message)s", datefmt="%H:%M:%S")
     vals = {k: v for k, v in vars(a).items() if k != "log_level" and v is not None}
+    if not vals.get("insecure"):
+        vals.pop("insecure", None)
     vals["round_timeout_s"] = vals.pop("round_timeout")
     return from_dict(SimSettings, vals, "fl-sim")
 

@@ -77,6 +77,11 @@ def write_data(out: Path, data: SimData) -> tuple[list[Path], Path]:
 
 
 def write_json(path: Path, obj: dict) -> Path:
+    """Configs may hold broker passwords: created 0600."""
+    import os
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2))
     return path

@@ -46,6 +46,15 @@ def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
         up = sum(r["bytes_up"].get(d, 0) for r in rows)
         dn = sum(r["bytes_down"].get(d, 0) for r in rows)
         lines.append(f"| {d} | " + " | ".join(cells) + f" | {up:,} | {dn:,} |")
+    kinds: dict[str, int] = {}
+    for r in rows:
+        for per in r.get("bytes_by_kind", {}).values():
+            for k, n in per.items():
+                kinds[k] = kinds.get(k, 0) + n
+    if kinds:
+        lines += ["", "Totals over all devices and rounds by message kind (`up_secagg` and `down_secagg` are the "
+                  "secure-aggregation key exchange and unmasking; `up_update` the updates themselves):", "",
+                  "| kind | bytes |", "|---|---|"] + [f"| {k} | {n:,} |" for k, n in sorted(kinds.items())]
     lines += ["", "![metrics](metrics.png)", ""]
     plot(rows, out_dir / "metrics.png")
     path = out_dir / "report.md"

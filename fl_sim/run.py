@@ -25,7 +25,9 @@ class SimSettings:
     devices: int = 3
     rounds: int = 6
     out: str = "runs/demo"
-    broker: str | None = None  # None: start the embedded amqtt broker
+    broker: str | None = None  # an external broker URL; None: start one per broker_mode
+    broker_mode: str = "embedded"  # embedded (amqtt, no TLS) or mosquitto (TLS, passwords, ACLs)
+    insecure: bool = False  # turn off end-to-end encryption and signatures (debug only)
     data: str | None = None  # None: the generated task families
     local_steps: int = 40
     learning_rate: float = 3e-3
@@ -39,14 +41,25 @@ class SimSettings:
     pretrain_steps: int = 300
     seed: int = 0
     keep_received: bool = False
+    secagg: bool = True  # secure aggregation: the aggregator learns only the sum
+    density: float = 1.0  # fraction of adapter coordinates sent per round
+    sparse_method: str = "topk"  # topk, random, device_topk (needs secagg off)
+    ring_bits: int = 32
+    clip: float = 0.05
+    keep_sent: bool = False  # devices keep a plaintext copy of what they contributed (audit/tests)
 
     def __post_init__(self) -> None:
         require(1 <= self.devices <= 64, f"devices must be in 1..64 on one machine, got {self.devices}")
         require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         require(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
+        require(self.broker_mode in ("embedded", "mosquitto"), f"broker_mode must be embedded or mosquitto, got {self.broker_mode!r}")
         require(self.split in ("dirichlet", "family"), f"split must be dirichlet or family, got {self.split!r}")
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         require(self.quorum is None or 1 <= self.quorum <= self.devices, f"quorum must be in 1..{self.devices}, got {self.quorum}")
+        require(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}")
+        require(self.sparse_method in ("topk", "random", "device_topk"), f"sparse_method must be topk, random or device_topk, got {self.sparse_method!r}")
+        require(not (self.secagg and self.sparse_method == "device_topk"), "device_topk needs --no-secagg")
+        require(not (self.secagg and self.devices < 2), "secure aggregation needs at least 2 devices (or --no-secagg)")
         require(self.examples_per_family >= 10, "examples_per_family must be >= 10")
         require(self.eval_per_family >= 1, "eval_per_family must be >= 1")
         if self.data is not None:
@@ -55,6 +68,46 @@ class SimSettings:
     @property
     def effective_quorum(self) -> int:
         return self.quorum if self.quorum is not None else max(1, math.ceil(0.6 * self.devices))
+
+
+def make_keys(keydir: Path, device_ids: list[str]) -> dict[str, str]:
+    """Fresh keys for the aggregator and every device, each device enrolled in the registry."""
+    from aggregator import registry
+    from shared.crypto import generate_keys, save_private_keys, save_public_keys
+
+    keydir.mkdir(parents=True, exist_ok=True)
+    reg = keydir / "registry.json"
+    reg.unlink(missing_ok=True)
+    paths = {}
+    for name in ["aggregator", *device_ids]:
+        k = generate_keys()
+        paths[name] = str(save_private_keys(k, keydir / f"{name}.key", overwrite=True))
+        save_public_keys(k.public, keydir / f"{name}.pub.json")
+        if name != "aggregator":
+            registry.enroll(reg, name, k.public)
+    paths["aggregator_pub"] = str(keydir / "aggregator.pub.json")
+    paths["registry"] = str(reg)
+    return paths
+
+
+def _start_mosquitto(fleet: Fleet, out: Path, device_ids: list[str]) -> tuple[str, dict[str, dict]]:
+    """Mosquitto with our generated config: TLS, per-device passwords, ACLs. Returns URL and logins."""
+    import shutil
+
+    from aggregator.broker_config import MqttCredentials, write_broker_config
+
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise RuntimeError("--broker-mode mosquitto needs Mosquitto installed (apt-get install mosquitto)")
+    port = _free_port()
+    files = write_broker_config(out / "broker", device_ids, tls=True, port=port, host="127.0.0.1")
+    proc = fleet.start("broker", [exe, "-c", str(files.conf_path)], python=False)
+    _wait_port(port, proc)
+    logins = {}
+    for name, path in [*files.credentials.items(), ("aggregator", files.aggregator_credentials)]:
+        c = MqttCredentials.load(path)
+        logins[name] = {"username": c.username, "password": c.password, "ca_file": c.ca_file}
+    return f"mqtts://127.0.0.1:{port}", logins
 
 
 def _free_port() -> int:
@@ -67,13 +120,13 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"embedded broker exited with code {proc.returncode}")
+            raise RuntimeError(f"broker exited with code {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"embedded broker did not listen on {port} within {timeout}s")
+    raise RuntimeError(f"broker did not listen on {port} within {timeout}s")
 
 
 class Fleet:
@@ -84,17 +137,18 @@ class Fleet:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], python: bool = True) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         f = (self.logs / f"{name}.log").open("w")
-        p = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen([sys.executable, *args] if python else args, stdout=f, stderr=subprocess.STDOUT, env=env)
         self.procs[name] = p
         return p
 
     def stop_all(self, grace: float = 10.0) -> None:
+        """Give devices and aggregator ``grace`` seconds to exit on their own; the broker never does."""
         deadline = time.monotonic() + grace
-        for p in self.procs.values():
-            while p.poll() is None and time.monotonic() < deadline:
+        for name, p in self.procs.items():
+            while name != "broker" and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
         for name, p in self.procs.items():
             if p.poll() is None:
@@ -141,9 +195,22 @@ def launch(s: SimSettings) -> Launched:
         student = build_default(out / "models", s.seed, s.pretrain_steps, extra_corpus=data.corpus if s.data else None)["student"]
     device_ids = [f"device-{i}" for i in range(s.devices)]
     fleet = Fleet(out)
+    logins: dict[str, dict] = {}
+    if s.insecure:
+        log.warning("SECURITY OFF (--insecure): updates travel unencrypted and unsigned. Debug use only.")
+        security: dict[str, dict] = {"aggregator": {"insecure": True, "devices": device_ids}}
+        security.update({d: {"insecure": True} for d in device_ids})
+    else:
+        keys = make_keys(out / "keys", device_ids)
+        security = {"aggregator": {"keys": keys["aggregator"], "registry": keys["registry"]}}
+        security.update({d: {"keys": keys[d], "aggregator_keys": keys["aggregator_pub"]} for d in device_ids})
     try:
         if s.broker:
             broker, protocol = s.broker, "auto"
+        elif s.broker_mode == "mosquitto":
+            broker, logins = _start_mosquitto(fleet, out, device_ids)
+            protocol = "auto"
+            log.info("Mosquitto on %s with TLS, per-device passwords and ACLs", broker)
         else:
             port = _free_port()
             bp = fleet.start("broker", ["-m", "fl_sim.broker", "--port", str(port)])
@@ -152,16 +219,20 @@ def launch(s: SimSettings) -> Launched:
             log.warning("embedded broker on %s: no TLS, anonymous (one-machine simulation only)", broker)
         agg_cfg = prepare.write_json(out / "config" / "aggregator.json", {
             "broker": broker, "student": student, "eval_data": str(eval_dir), "out_dir": str(out),
-            "devices": device_ids, "rounds": s.rounds, "quorum": s.effective_quorum,
+            "rounds": s.rounds, "quorum": s.effective_quorum,
             "min_devices_to_start": s.devices, "wait_for_devices_s": 180.0, "round_timeout_s": s.round_timeout_s,
             "local_steps": s.local_steps, "learning_rate": s.learning_rate, "seed": s.seed, "protocol": protocol,
             "torch_threads": 1, "eval_max_per_family": max(s.eval_per_family, 1), "keep_received": s.keep_received,
+            "secagg": s.secagg, "density": s.density, "sparse_method": s.sparse_method, "ring_bits": s.ring_bits, "clip": s.clip,
+            **security["aggregator"], **logins.get("aggregator", {}),
         })
         agg = fleet.start("aggregator", ["-m", "aggregator.cli", "run", "--config", str(agg_cfg)])
         for dev, shard in zip(device_ids, shard_paths):
             cfg = prepare.write_json(out / "config" / f"{dev}.json", {
                 "device_id": dev, "broker": broker, "data": str(shard), "student": student, "profile": "cpu-dev",
                 "work_dir": str(out / "edge" / dev), "protocol": protocol, "idle_timeout_s": s.round_timeout_s + 600,
+                "keep_sent": s.keep_sent,
+                **security[dev], **logins.get(dev, {}),
             })
             fleet.start(dev, ["-m", "edge_client.cli", "run", "--config", str(cfg)])
     except BaseException:

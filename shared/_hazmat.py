@@ -25,7 +25,9 @@ output is safe and keeps the header short. Signed blob (``sign``)::
 ``lp(x)`` is a 4-byte length prefix followed by ``x``, so no two field layouts collide.
 
 It also makes the broker's TLS certificates (``make_tls_certificates``), so that no other module
-needs hazmat key types either.
+needs hazmat key types either, and holds the raw primitives SecAgg+ builds on (X25519, HKDF-SHA256,
+ChaCha20-Poly1305, the AES-256-CTR keystream); ``shared.secagg`` owns their framing, labels and
+associated-data layout.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import struct
+from collections.abc import Iterator
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -40,7 +43,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -214,6 +218,67 @@ def verify(blob: bytes, *, signing_pub: bytes, aad: bytes) -> bytes:
     except (InvalidSignature, ValueError):
         raise CryptoError("signed message failed verification") from None
     return payload
+
+
+# --- SecAgg+ primitives (raw bytes in and out; shared.secagg owns labels and framing) -----------
+
+
+def x25519_keypair() -> tuple[bytes, bytes]:
+    """A fresh (secret, public) pair of raw 32-byte X25519 keys."""
+    sk = X25519PrivateKey.generate()
+    return sk.private_bytes_raw(), sk.public_key().public_bytes_raw()
+
+
+def x25519_exchange(secret: bytes, peer_public: bytes) -> bytes:
+    """The raw 32-byte X25519 shared secret; ``CryptoError`` for a malformed or small-order key."""
+    try:
+        return X25519PrivateKey.from_private_bytes(secret).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:  # wrong length, or an all-zero shared secret from a small-order point
+        raise CryptoError(str(exc)) from None
+
+
+def hkdf_sha256(ikm: bytes, *, length: int, salt: bytes | None, info: bytes) -> bytes:
+    """RFC 5869 HKDF-SHA256 (extract then expand); ``salt=None`` is the RFC's all-zero salt."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def chacha20poly1305_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """RFC 8439 AEAD: ciphertext followed by the 16-byte tag. The caller owns nonce uniqueness."""
+    return ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
+
+
+def chacha20poly1305_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """Inverse of ``chacha20poly1305_encrypt``; any failure (tag, key or nonce size) is ``CryptoError``."""
+    try:
+        return ChaCha20Poly1305(key).decrypt(nonce, ciphertext, aad)
+    except (InvalidTag, ValueError):
+        raise CryptoError("ChaCha20-Poly1305 authentication failed") from None
+
+
+# CTR counter blocks start at zero. Safe only because every key drives exactly one stream (SecAgg
+# seeds are fresh per round and per purpose), so no (key, counter) pair ever repeats.
+_CTR_ZERO_IV = bytes(16)
+
+
+def aes256_ctr_keystream(key: bytes, n_bytes: int, *, chunk_bytes: int) -> Iterator[bytes]:
+    """The first ``n_bytes`` of AES-256-CTR keystream under ``key``, yielded in slices.
+
+    Slices are ``chunk_bytes`` long except the last, so a caller streaming a long mask holds one
+    slice of keystream at a time rather than all of it.
+    """
+    # Checked here, not in the generator, so a bad argument fails at the call, not at first use.
+    if len(key) != 32:
+        raise ValueError(f"AES-256 key must be 32 bytes, got {len(key)}")
+    if n_bytes < 0 or chunk_bytes < 1:
+        raise ValueError(f"need n_bytes >= 0 and chunk_bytes >= 1, got {n_bytes}, {chunk_bytes}")
+    return _ctr_slices(Cipher(algorithms.AES(bytes(key)), modes.CTR(_CTR_ZERO_IV)).encryptor(), n_bytes, chunk_bytes)
+
+
+def _ctr_slices(enc: CipherContext, n_bytes: int, chunk_bytes: int) -> Iterator[bytes]:
+    # Keystream = encryption of zeros; one zero buffer is reused (a full-length slice is no copy).
+    zeros = bytes(min(chunk_bytes, n_bytes))
+    for start in range(0, n_bytes, chunk_bytes):
+        yield enc.update(zeros[: min(chunk_bytes, n_bytes - start)])
 
 
 # --- broker TLS certificates ----------------------------------------------------------------------

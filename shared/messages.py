@@ -60,6 +60,60 @@ class DeviceStatus(Message):
 
 
 @dataclass(frozen=True)
+class SparseSpec:
+    """Which coordinates of the flattened adapter (``shared.sparse.Layout``) devices send this round.
+
+    ``dense``: all of them. ``random``: ``shared.sparse.random_k(dim, k, seed)``; ``topk``: the
+    aggregator's global top-k; both listed in ``indices`` (``shared.sparse.encode_indices``), so a
+    device never recomputes a set with a numpy that might draw differently. ``device_topk``: each
+    device picks its own k and sends their indices (secure aggregation off only: masks cancel only
+    on coordinates every device sends). Updates on a shared set carry no index bytes.
+    """
+
+    method: Literal["dense", "random", "topk", "device_topk"]
+    dim: int
+    k: int
+    seed: int
+    indices: bytes
+    value_dtype: Literal["float32", "float16"]  # values without secure aggregation
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.dim:
+            raise SchemaError(f"SparseSpec.k must be in 1..dim={self.dim}, got {self.k}")
+        if self.method == "dense" and self.k != self.dim:
+            raise SchemaError("SparseSpec: dense means k == dim")
+        if (self.method in ("random", "topk")) != bool(self.indices):
+            raise SchemaError("SparseSpec.indices is set exactly when method is random or topk")
+
+
+@dataclass(frozen=True)
+class SecAggSpec:
+    """Secure-aggregation settings of a round (``shared.secagg``), the same for every participant.
+
+    node_ids[i] is the SecAgg node of participants[i]. Values are clipped to [-clip, clip], scaled
+    by the device's weight min(num_examples, weight_norm) / weight_norm (so the sum is an
+    example-weighted sum), quantized to ``value_bits`` bits and masked in Z_2^ring_bits;
+    n * (2^value_bits - 1) < 2^ring_bits so the sum cannot wrap.
+    """
+
+    node_ids: tuple[int, ...]
+    threshold: int
+    graph_seed: bytes
+    clip: float
+    ring_bits: int
+    value_bits: int
+    weight_norm: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ring_bits <= 32 or not 1 <= self.value_bits <= self.ring_bits:
+            raise SchemaError(f"SecAggSpec: bad ring_bits {self.ring_bits} / value_bits {self.value_bits}")
+        if len(self.node_ids) * ((1 << self.value_bits) - 1) > (1 << self.ring_bits) - 1:
+            raise SchemaError("SecAggSpec: the sum of all inputs would wrap the ring")
+        if not self.clip > 0 or self.weight_norm < 1:
+            raise SchemaError("SecAggSpec: clip must be > 0 and weight_norm >= 1")
+
+
+@dataclass(frozen=True)
 class RoundSpec(Message):
     """Broadcast by the aggregator to start a round. Carries the global adapter to start from."""
 
@@ -73,6 +127,8 @@ class RoundSpec(Message):
     deadline_s: float  # seconds from receipt the aggregator waits for this round's updates
     seed: int
     adapter: tuple[TensorBlob, ...]  # global LoRA weights, PEFT state-dict names
+    sparse: SparseSpec
+    secagg: SecAggSpec | None  # None: secure aggregation off for this round
 
 
 @dataclass(frozen=True)
@@ -92,6 +148,57 @@ class Update(Message):
 
 
 @dataclass(frozen=True)
+class SparseUpdate(Message):
+    """A sparse update without secure aggregation: values on the round's index set, or top-k.
+
+    ``encoding`` ``shared``: ``values`` holds k values (the spec's value_dtype, little-endian) on
+    the round's shared index set. ``topk``: ``values`` is ``shared.sparse.topk_encode`` output.
+    """
+
+    KIND: ClassVar[str] = "sparse_update"
+    round: int
+    device_id: str
+    seq: int
+    num_examples: int
+    steps: int
+    train_loss: float
+    base_digest: str
+    encoding: Literal["shared", "topk"]
+    values: bytes
+
+
+@dataclass(frozen=True)
+class MaskedUpdate(Message):
+    """A securely aggregated update: the device's masked vector in Z_2^ring_bits, packed.
+
+    The aggregator can only add it to the others; alone it is uniformly random.
+    """
+
+    KIND: ClassVar[str] = "masked_update"
+    round: int
+    device_id: str
+    seq: int
+    num_examples: int
+    steps: int
+    train_loss: float
+    base_digest: str
+    masked: bytes  # shared.sparse.pack_ring(y, ring_bits)
+
+
+@dataclass(frozen=True)
+class SecAggMsg(Message):
+    """One secure-aggregation stage message (``shared.secagg.encode``) in either direction.
+
+    ``device_id`` is the sender for uploads and the recipient for downloads.
+    """
+
+    KIND: ClassVar[str] = "secagg"
+    round: int
+    device_id: str
+    body: bytes
+
+
+@dataclass(frozen=True)
 class Shutdown(Message):
     """Broadcast when the aggregator is done; simulated devices exit on it."""
 
@@ -99,7 +206,35 @@ class Shutdown(Message):
     reason: str
 
 
-KINDS: dict[str, type[Message]] = {c.KIND: c for c in (DeviceStatus, RoundSpec, Update, Shutdown)}
+@dataclass(frozen=True)
+class Sealed(Message):
+    """An inner message encrypted to the aggregator and signed by its sender (``shared.secure``).
+
+    ``round``, ``device_id`` and ``kind`` travel in clear so the receiver can rebuild the
+    associated data; they are bound into the AEAD and the signature, so changing them fails.
+    """
+
+    KIND: ClassVar[str] = "sealed"
+    round: int
+    device_id: str
+    kind: str
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Signed(Message):
+    """An inner message in clear, signed by its sender and bound to (version, round, device, kind)."""
+
+    KIND: ClassVar[str] = "signed"
+    round: int
+    device_id: str
+    kind: str
+    blob: bytes
+
+
+KINDS: dict[str, type[Message]] = {c.KIND: c for c in (DeviceStatus, RoundSpec, Update, Shutdown, Sealed, Signed,
+                                                         SparseUpdate, MaskedUpdate, SecAggMsg)}
+UPDATE_KINDS: tuple[type[Message], ...] = (Update, SparseUpdate, MaskedUpdate)
 
 
 def _to_wire(value: Any) -> Any:

@@ -44,3 +44,16 @@ def test_importing_all_of_shared_loads_no_heavy_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing shared loaded {out.stdout.strip()}"
     assert len(mods) >= 5
+
+
+def test_only_one_private_module_touches_cryptography() -> None:
+    """Crypto recipes live in shared/_hazmat.py so an audit reads one file (STYLE: one private module)."""
+    users = []
+    for pkg in ("shared", "edge_client", "aggregator", "fl_lm", "fl_mqtt", "fl_sim"):
+        for f in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(m == "cryptography" or m.startswith("cryptography.") for m in mods):
+                    users.append(f.relative_to(ROOT).as_posix())
+    assert sorted(set(users)) == ["shared/_hazmat.py"], sorted(set(users))

@@ -19,7 +19,8 @@ import pytest
 from aggregator.checkpoint import checkpoint_dir, load_adapter
 from fl_sim.run import SimSettings, finish, launch
 from shared import messages as M
-from shared import tensors, topics
+from shared import secure, tensors, topics
+from shared.crypto import load_public_keys
 from tests.brokers import Mosquitto
 
 pytestmark = pytest.mark.timeout(300)
@@ -27,15 +28,20 @@ pytestmark = pytest.mark.timeout(300)
 
 def _settings(tmp_path: Path, broker: Mosquitto, models: dict[str, str], **kw: object) -> SimSettings:
     base: dict = dict(devices=3, rounds=2, out=str(tmp_path / "run"), broker=broker.url, student=models["student"],
-                      local_steps=8, examples_per_family=30, eval_per_family=6, round_timeout_s=120.0, keep_received=True)
+                      local_steps=8, examples_per_family=30, eval_per_family=6, round_timeout_s=120.0, keep_received=True,
+                      secagg=False)  # the FedIT baseline: the test inspects each received update
     base.update(kw)
     return SimSettings(**base)
 
 
 class Watcher:
-    """An MQTT observer (and, on an ACL-free broker, an attacker) beside the fleet."""
+    """An MQTT observer (and, on an ACL-free broker, an attacker) beside the fleet.
 
-    def __init__(self, url: str) -> None:
+    It verifies device status messages with the devices' enrolled keys, as the aggregator does.
+    """
+
+    def __init__(self, url: str, keydir: Path) -> None:
+        self.keys = {p.name.removesuffix(".pub.json"): load_public_keys(p) for p in keydir.glob("device-*.pub.json")}
         self.states: dict[str, str] = {}
         self.cond = threading.Condition()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
@@ -48,7 +54,9 @@ class Watcher:
     def _on_message(self, client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
         if not msg.payload:
             return
-        st = M.decode(msg.payload, expect=M.DeviceStatus)
+        dev = topics.parse(msg.topic).device_id
+        st = secure.open_message(msg.payload, M.DeviceStatus, device_id=dev, check_round=lambda r: None,
+                                 recipient=None, sender=self.keys[dev], sealed=False)
         assert isinstance(st, M.DeviceStatus)
         with self.cond:
             self.states[st.device_id] = f"{st.state}:{st.detail}"
@@ -73,7 +81,7 @@ def _metrics(out: Path) -> list[dict]:
 
 def test_three_devices_two_rounds_fedavg_and_bad_messages(tmp_path: Path, mosquitto: Mosquitto, tiny_models: dict[str, str]) -> None:
     run = launch(_settings(tmp_path, mosquitto, tiny_models))
-    w = Watcher(mosquitto.url)
+    w = Watcher(mosquitto.url, run.out / "keys")
     try:
         # While round 1 is under way, inject a wrong version, a bad schema and a truncated payload
         # on a device's upload topic (this broker has no ACLs, so anyone may).
@@ -128,7 +136,7 @@ def test_three_devices_two_rounds_fedavg_and_bad_messages(tmp_path: Path, mosqui
 def test_dropout_mid_round_then_below_quorum_abandons(tmp_path: Path, mosquitto: Mosquitto, tiny_models: dict[str, str]) -> None:
     # Enough local steps that a device is still training when we kill it.
     run = launch(_settings(tmp_path, mosquitto, tiny_models, local_steps=400, quorum=2, keep_received=False))
-    w = Watcher(mosquitto.url)
+    w = Watcher(mosquitto.url, run.out / "keys")
     try:
         w.wait_state("device-2", "training:round 1")
         run.fleet.procs["device-2"].kill()  # SIGKILL: no goodbye, only the broker's last will

@@ -14,11 +14,32 @@ ADAPTER = tensors.pack({"a.lora_A.weight": np.arange(8, dtype=np.float32).reshap
 SAMPLES: list[M.Message] = [
     M.DeviceStatus(device_id="dev-1", state="online", profile="cpu-dev", num_examples=12, detail=""),
     M.RoundSpec(round=3, participants=("dev-1", "dev-2"), local_steps=10, learning_rate=1e-3, lora=LORA,
-                base_digest="ab" * 32, deadline_s=60.0, seed=7, adapter=ADAPTER),
+                base_digest="ab" * 32, deadline_s=60.0, seed=7, adapter=ADAPTER,
+                sparse=M.SparseSpec(method="dense", dim=16, k=16, seed=0, indices=b"", value_dtype="float32"), secagg=None),
     M.Update(round=3, device_id="dev-1", seq=1, num_examples=12, steps=10, train_loss=1.5, payload="delta",
              base_digest="ab" * 32, tensors=ADAPTER),
     M.Shutdown(reason="done"),
+    M.RoundSpec(round=4, participants=("dev-1", "dev-2"), local_steps=10, learning_rate=1e-3, lora=LORA,
+                base_digest="ab" * 32, deadline_s=60.0, seed=7, adapter=ADAPTER,
+                sparse=M.SparseSpec(method="topk", dim=16, k=2, seed=3, indices=b"\x01\x02", value_dtype="float16"),
+                secagg=M.SecAggSpec(node_ids=(0, 1), threshold=2, graph_seed=bytes(32), clip=0.1, ring_bits=16,
+                                    value_bits=15, weight_norm=12)),
+    M.SparseUpdate(round=3, device_id="dev-1", seq=2, num_examples=12, steps=10, train_loss=1.5, base_digest="ab" * 32,
+                   encoding="shared", values=b"\x00" * 8),
+    M.MaskedUpdate(round=3, device_id="dev-1", seq=2, num_examples=12, steps=10, train_loss=1.5, base_digest="ab" * 32,
+                   masked=b"\x01" * 8),
+    M.SecAggMsg(round=3, device_id="dev-1", body=b"SA\x01"),
 ]
+
+
+def test_spec_invariants_are_checked() -> None:
+    with pytest.raises(SchemaError):
+        M.SparseSpec(method="dense", dim=16, k=8, seed=0, indices=b"", value_dtype="float32")
+    with pytest.raises(SchemaError):
+        M.SparseSpec(method="topk", dim=16, k=8, seed=0, indices=b"", value_dtype="float32")
+    with pytest.raises(SchemaError):  # 3 summands of 16-bit values wrap a 16-bit ring
+        M.SecAggSpec(node_ids=(0, 1, 2), threshold=2, graph_seed=bytes(32), clip=0.1, ring_bits=16, value_bits=16,
+                     weight_norm=1)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.KIND)

@@ -1,0 +1,75 @@
+"""From a trained adapter delta to what goes on the wire. Pure: arrays in, arrays and bytes out.
+
+Every path keeps an error-feedback residual: what this round does not send (coordinates off the
+index set, the clipped-off part, float16 rounding) is added to the next round's delta, so it is
+delayed rather than lost. Quantization noise of secure aggregation is not fed back: stochastic
+rounding is unbiased.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared import messages as M
+from shared import sparse, update_codec
+from shared.secagg.quant import quantize
+
+
+@dataclass(frozen=True)
+class Built:
+    """One round's contribution.
+
+    sent: the dense float32 vector this device contributes, unweighted (what the aggregator's
+        mean includes for it, up to quantization); kept for the device's own audit trail.
+    residual: the error-feedback state for the next round.
+    values: bytes for a SparseUpdate (secure aggregation off), else b"".
+    encoding: SparseUpdate.encoding, or "" for secure aggregation.
+    x: the uint32 input to secure aggregation (len k), or None.
+    """
+
+    sent: np.ndarray
+    residual: np.ndarray
+    values: bytes = b""
+    encoding: str = ""
+    x: np.ndarray | None = None
+    clipped: float = 0.0  # fraction of sent coordinates that hit the clip (the rest waits in the residual)
+
+
+def _accumulate(delta: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+    acc = np.asarray(delta, dtype=np.float32).copy()
+    if residual is not None:
+        acc += residual
+    return acc
+
+
+def plain(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec) -> Built:
+    """Secure aggregation off: values on the shared index set, or this device's own top-k."""
+    acc = _accumulate(delta, residual)
+    if sp.method == "device_topk":
+        data = sparse.topk_encode(acc, sp.k, sp.value_dtype)
+        idx, vals = sparse.topk_decode(data, sp.dim)
+        encoding = "topk"
+    else:
+        idx = update_codec.round_indices(sp)
+        assert idx is not None
+        data = update_codec.encode_values(acc[idx], sp.value_dtype)
+        vals = update_codec.decode_values(data, sp.value_dtype, len(idx))  # exactly what arrives
+        encoding = "shared"
+    sent = sparse.scatter(vals, idx, sp.dim)
+    return Built(sent=sent, residual=acc - sent, values=data, encoding=encoding)
+
+
+def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa: M.SecAggSpec,
+           num_examples: int, rng_seed: np.random.SeedSequence | int | None = None) -> Built:
+    """Secure aggregation on: clip on the shared index set, weight, fixed-point encode into the ring."""
+    idx = update_codec.round_indices(sp)
+    assert idx is not None, "device_topk is refused with secure aggregation"
+    values, new_residual = sparse.project(np.asarray(delta, dtype=np.float32), residual, idx, sa.clip)
+    clipped = float(np.mean(np.abs(values) >= sa.clip)) if len(values) else 0.0
+    w = update_codec.weight(num_examples, sa.weight_norm)
+    # Fresh OS entropy by default: a reproducible rounding pattern would be a side channel.
+    x = quantize(values.astype(np.float64) * w, update_codec.quant_config(sa),
+                 rng_seed if rng_seed is not None else np.random.SeedSequence())
+    return Built(sent=sparse.scatter(values, idx, sp.dim), residual=new_residual, x=x, clipped=clipped)

@@ -1,0 +1,68 @@
+"""What both sides derive from a RoundSpec to encode and decode an update. Pure numpy.
+
+The aggregator and every device must compute the same index set, the same fixed-point encoding
+and the same weights from the signed spec alone, so the rules live here, once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared import messages as M
+from shared import sparse
+from shared.errors import ConfigError, SchemaError
+from shared.secagg.quant import QuantConfig
+
+_VALUE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+def round_indices(sp: M.SparseSpec) -> np.ndarray | None:
+    """The round's shared index set (sorted uint32), or None when each device picks its own."""
+    if sp.method == "dense":
+        return np.arange(sp.dim, dtype=np.uint32)
+    if sp.method in ("random", "topk"):
+        idx = sparse.decode_indices(sp.indices, sp.dim)
+        if len(idx) != sp.k:
+            raise SchemaError(f"round index set has {len(idx)} entries, the spec says k = {sp.k}")
+        return idx
+    return None
+
+
+def value_bits_for(n: int, ring_bits: int) -> int:
+    """Finest per-value resolution such that n values summed stay below 2^ring_bits."""
+    if n < 1 or not 1 <= ring_bits <= 32:
+        raise ConfigError(f"need n >= 1 and ring_bits in 1..32, got n={n}, ring_bits={ring_bits}")
+    bits = (((1 << ring_bits) - 1) // n + 1).bit_length() - 1
+    if bits < 1:
+        raise ConfigError(f"{n} devices cannot share a {ring_bits}-bit ring")
+    return bits
+
+
+def quant_config(sa: M.SecAggSpec) -> QuantConfig:
+    return QuantConfig(clip=sa.clip, n_summands=len(sa.node_ids), bits=sa.value_bits)
+
+
+def weight(num_examples: int, norm: int) -> float:
+    """A device's FedAvg weight scaled into [0, 1], so weighted values stay inside the clip range."""
+    return min(max(num_examples, 0), norm) / norm
+
+
+def encode_values(values: np.ndarray, dtype: str) -> bytes:
+    return np.asarray(values, dtype=_VALUE_DTYPES[dtype]).tobytes()
+
+
+def decode_values(data: bytes, dtype: str, k: int) -> np.ndarray:
+    dt = _VALUE_DTYPES[dtype]
+    if len(data) != k * dt.itemsize:
+        raise SchemaError(f"{len(data)} value bytes, expected {k} x {dtype}")
+    v = np.frombuffer(data, dtype=dt).astype(np.float32)
+    if not np.isfinite(v).all():
+        raise SchemaError("non-finite values in a sparse update")
+    return v
+
+
+def reduce_ring(total: np.ndarray, ring_bits: int) -> np.ndarray:
+    """The uint32 accumulator (sums mod 2^32) reduced into the spec's ring."""
+    if ring_bits == 32:
+        return total
+    return (total & np.uint32((1 << ring_bits) - 1)).astype(np.uint32)
