@@ -14,13 +14,10 @@ log = logging.getLogger("fl-agg")
 
 def keygen(out: Path, force: bool) -> None:
     """``aggregator.key`` (0600) and ``aggregator.pub.json`` (pin it in every device's config)."""
-    from shared.crypto import generate_keys, save_private_keys, save_public_keys
+    from shared.crypto import write_keypair
 
-    keys = generate_keys()
-    out.mkdir(parents=True, exist_ok=True)
-    save_private_keys(keys, out / "aggregator.key", overwrite=force)
-    save_public_keys(keys.public, out / "aggregator.pub.json")
-    log.info("wrote %s (private, 0600) and %s", out / "aggregator.key", out / "aggregator.pub.json")
+    priv, pub = write_keypair(out, "aggregator", overwrite=force)
+    log.info("wrote %s (private, 0600) and %s", priv, pub)
 
 
 def enroll(device_id: str, pubkey_file: Path, registry_path: Path) -> None:

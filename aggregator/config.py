@@ -62,7 +62,10 @@ class AggregatorConfig:
     secagg: bool = True
     secagg_threshold: int = 0  # t of the Shamir sharing; 0: 2/3 of each neighbourhood (>= 2)
     clip: float = 0.05  # per-coordinate clip of a sent value; what is clipped stays in the residual
-    ring_bits: int = 32  # masked values travel in Z_2^ring_bits (16 halves the bytes again)
+    # Resolution of each sent value (stochastic rounding keeps it unbiased). The masked ring gets
+    # ceil(log2(n)) more bits so the sum of n devices cannot wrap; the ring is what goes on the wire.
+    # 0: the finest resolution a 32-bit ring allows for the round's cohort.
+    value_bits: int = 0
     key_timeout_s: float = 60.0  # deadline of each key-exchange and unmask stage
     # Sparse updates on a round-shared index set (FLASC-style), with error feedback on devices.
     density: float = 1.0  # fraction of adapter coordinates sent per round; 1.0 = dense
@@ -70,6 +73,9 @@ class AggregatorConfig:
     topk_beta: float = 0.9  # momentum of the aggregate's magnitudes that rank coordinates
     topk_explore: float = 0.25  # share of k drawn at random outside the top, so no coordinate starves
     sparse_value_dtype: str = "float32"  # values without secure aggregation: float32 or float16
+    # Secure top-k: devices add a masked per-block magnitude sketch (one value per this many
+    # coordinates) so the next round's index set follows the fleet's unsent mass; 0 = momentum only.
+    sketch_block: int = 64
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
@@ -102,7 +108,8 @@ class AggregatorConfig:
         require(self.sparse_value_dtype in ("float32", "float16"), f"sparse_value_dtype must be float32 or float16, got {self.sparse_value_dtype!r}")
         require(0.0 <= self.topk_beta < 1.0 and 0.0 <= self.topk_explore <= 1.0, "topk_beta must be in [0, 1), topk_explore in [0, 1]")
         require(self.clip > 0, f"clip must be > 0, got {self.clip}")
-        require(8 <= self.ring_bits <= 32, f"ring_bits must be in 8..32, got {self.ring_bits}")
+        require(self.sketch_block >= 0, f"sketch_block must be >= 0, got {self.sketch_block}")
+        require(0 <= self.value_bits <= 31, f"value_bits must be in 0..31 (0 = finest), got {self.value_bits}")
         require(self.secagg_threshold == 0 or self.secagg_threshold >= 2, "secagg_threshold must be 0 (auto) or >= 2")
         require(self.key_timeout_s > 0, "key_timeout_s must be > 0")
         require(self.protocol in ("auto", "5", "3.1.1"), f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")

@@ -125,6 +125,7 @@ class Aggregator:
         self.round = 0
         self._ignored: set[str] = set()
         self.scores: np.ndarray | None = None  # momentum of aggregate magnitudes, for global top-k
+        self.sketch: np.ndarray | None = None  # last round's summed magnitude sketch (secure aggregation)
         if cfg.secagg:
             log.info("secure aggregation on: the aggregator learns only the sum of each round's updates")
         else:
@@ -355,7 +356,7 @@ class Aggregator:
         assert b is not None and b.spec is not None and b.spec.secagg is not None
         if b.stage != "update" or b.sa is None:
             raise ReplayError(f"masked update from {device} outside the masked-input stage ({b.stage})")
-        sa, k = b.spec.secagg, b.spec.sparse.k
+        sa, k = b.spec.secagg, update_codec.secagg_dim(b.spec.sparse, b.spec.secagg)
         if len(up.masked) != sparse.ring_bytes(k, sa.ring_bits):
             raise SchemaError(f"masked update from {device} has {len(up.masked)} bytes, expected "
                               f"{sparse.ring_bytes(k, sa.ring_bits)}")
@@ -408,6 +409,11 @@ class Aggregator:
             sp = M.SparseSpec(method="dense", dim=dim, k=dim, seed=seed, indices=b"", value_dtype=c.sparse_value_dtype)  # type: ignore[arg-type]
         elif c.sparse_method == "device_topk":
             sp = M.SparseSpec(method="device_topk", dim=dim, k=k, seed=seed, indices=b"", value_dtype=c.sparse_value_dtype)  # type: ignore[arg-type]
+        elif c.sparse_method == "topk" and c.secagg and c.sketch_block and self.sketch is not None:
+            # The fleet told us (in aggregate) where its unsent mass is: ask for exactly that.
+            idx = sparse.select_indices(self.sketch, k, seed, explore=0.0)
+            sp = M.SparseSpec(method="topk", dim=dim, k=k, seed=seed, indices=sparse.encode_indices(idx, dim),
+                              value_dtype=c.sparse_value_dtype)  # type: ignore[arg-type]
         elif c.sparse_method == "random" or self.scores is None:
             # Global top-k needs a previous aggregate; the first round draws its coordinates at random.
             idx = sparse.random_k(dim, k, seed)
@@ -422,9 +428,14 @@ class Aggregator:
             n = len(participants)
             kk = secagg.graph.neighbourhood_size(n)
             t = min(c.secagg_threshold or secagg.default_threshold(n), kk)
+            try:
+                ring_bits, value_bits = update_codec.ring_for(n, c.value_bits)
+            except ConfigError as e:
+                raise secagg.SecAggAbort(str(e)) from e
             sa = M.SecAggSpec(node_ids=tuple(range(n)), threshold=t, graph_seed=os.urandom(32), clip=c.clip,
-                              ring_bits=c.ring_bits, value_bits=update_codec.value_bits_for(n, c.ring_bits),
-                              weight_norm=max(1, max(self.online.get(d, 1) for d in participants)))
+                              ring_bits=ring_bits, value_bits=value_bits,
+                              weight_norm=max(1, max(self.online.get(d, 1) for d in participants)),
+                              sketch_block=c.sketch_block if sp.method != "dense" else 0)
         return M.RoundSpec(round=rnd, participants=tuple(participants), local_steps=c.local_steps,
                            learning_rate=c.learning_rate, lora=self.lora, base_digest=self.digest,
                            deadline_s=c.round_timeout_s, seed=seed, adapter=tensors.pack(self.global_state),
@@ -464,7 +475,8 @@ class Aggregator:
         b.node_of = dict(zip(spec.participants, sa.node_ids))
         dev_of = {n: d for d, n in b.node_of.items()}
         to = self.cfg.key_timeout_s
-        params = secagg.SecAggParams(round_id=b.rnd, node_ids=sa.node_ids, threshold=sa.threshold, dim=spec.sparse.k,
+        params = secagg.SecAggParams(round_id=b.rnd, node_ids=sa.node_ids, threshold=sa.threshold,
+                                     dim=update_codec.secagg_dim(spec.sparse, sa),
                                      graph_seed=sa.graph_seed)
         b.sa = secagg.server_init(params)
         got = self._collect("advertise", set(spec.participants), to)
@@ -486,7 +498,11 @@ class Aggregator:
         summed = secagg.dequantize_sum(total, update_codec.quant_config(sa), len(contributors))
         weight = sum(update_codec.weight(b.replies[d].num_examples, sa.weight_norm) for d in contributors)
         assert b.idx is not None
-        mean = sparse.scatter((summed / weight).astype(np.float32), b.idx, spec.sparse.dim)
+        k = spec.sparse.k
+        if sa.sketch_block:
+            # Where the fleet's unsent mass is (a sum over devices, like everything else we learn).
+            self.sketch = update_codec.expand_blocks(summed[k:] / weight, sa.sketch_block, spec.sparse.dim)
+        mean = sparse.scatter((summed[:k] / weight).astype(np.float32), b.idx, spec.sparse.dim)
         b.received = contributors
         return sparse.unflatten(mean, self.layout)
 

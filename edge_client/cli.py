@@ -14,14 +14,10 @@ log = logging.getLogger("fl-edge")
 
 def keygen(out: Path, force: bool) -> None:
     """Write ``device.key`` (private, 0600) and ``device.pub.json`` (give it to the aggregator)."""
-    from shared.crypto import generate_keys, save_private_keys, save_public_keys
+    from shared.crypto import write_keypair
 
-    keys = generate_keys()
-    out.mkdir(parents=True, exist_ok=True)
-    save_private_keys(keys, out / "device.key", overwrite=force)
-    save_public_keys(keys.public, out / "device.pub.json")
-    log.info("wrote %s (private, 0600) and %s; enroll with: fl-agg enroll DEVICE_ID %s",
-             out / "device.key", out / "device.pub.json", out / "device.pub.json")
+    priv, pub = write_keypair(out, "device", overwrite=force)
+    log.info("wrote %s (private, 0600) and %s; enroll with: fl-agg enroll DEVICE_ID %s", priv, pub, pub)
 
 
 def main(argv: list[str] | None = None) -> int:

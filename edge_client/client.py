@@ -24,7 +24,7 @@ from edge_client import update_builder
 from edge_client.budget import BudgetExceeded, check_model, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
-from shared import secagg, secure, sparse, tensors, topics
+from shared import secagg, secure, sparse, tensors, topics, update_codec
 from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, UploadJournal, decode_frame
 from shared.crypto import load_private_keys, load_public_keys
 from shared.datasets import Example, load_file
@@ -322,7 +322,7 @@ class EdgeClient:
             raise SchemaError("device_topk sparsity cannot be securely aggregated")
         node = sa.node_ids[spec.participants.index(self.cfg.device_id)]
         params = secagg.SecAggParams(round_id=spec.round, node_ids=sa.node_ids, threshold=sa.threshold,
-                                     dim=spec.sparse.k, graph_seed=sa.graph_seed)
+                                     dim=update_codec.secagg_dim(spec.sparse, sa), graph_seed=sa.graph_seed)
         self.sa_state, adv = secagg.client_advertise(params, node)
         self.sa_spec = spec
         self._send_secagg(spec.round, secagg.encode(adv))

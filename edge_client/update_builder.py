@@ -66,10 +66,15 @@ def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa:
     """Secure aggregation on: clip on the shared index set, weight, fixed-point encode into the ring."""
     idx = update_codec.round_indices(sp)
     assert idx is not None, "device_topk is refused with secure aggregation"
-    values, new_residual = sparse.project(np.asarray(delta, dtype=np.float32), residual, idx, sa.clip)
+    delta = np.asarray(delta, dtype=np.float32)
+    values, new_residual = sparse.project(delta, residual, idx, sa.clip)
     clipped = float(np.mean(np.abs(values) >= sa.clip)) if len(values) else 0.0
     w = update_codec.weight(num_examples, sa.weight_norm)
+    x_float = values.astype(np.float64) * w
+    if sa.sketch_block:
+        acc = delta if residual is None else delta + residual
+        sketch = np.minimum(update_codec.block_magnitude(acc, sa.sketch_block), sa.clip)
+        x_float = np.concatenate([x_float, sketch.astype(np.float64) * w])
     # Fresh OS entropy by default: a reproducible rounding pattern would be a side channel.
-    x = quantize(values.astype(np.float64) * w, update_codec.quant_config(sa),
-                 rng_seed if rng_seed is not None else np.random.SeedSequence())
+    x = quantize(x_float, update_codec.quant_config(sa), rng_seed if rng_seed is not None else np.random.SeedSequence())
     return Built(sent=sparse.scatter(values, idx, sp.dim), residual=new_residual, x=x, clipped=clipped)

@@ -39,7 +39,8 @@ def parse(argv: list[str] | None) -> SimSettings:
     ap.add_argument("--density", type=float, default=d.density, help="fraction of adapter coordinates sent per round (1.0 = dense)")
     ap.add_argument("--sparse-method", choices=("topk", "random", "device_topk"), default=d.sparse_method,
                     help="shared global top-k (default), seeded random-k, or per-device top-k (needs --no-secagg)")
-    ap.add_argument("--ring-bits", type=int, default=d.ring_bits, help="bits per masked value on the wire (8..32)")
+    ap.add_argument("--value-bits", type=int, default=d.value_bits,
+                    help="bits of resolution per sent value (0 = finest; the masked ring adds ceil(log2 n) bits)")
     ap.add_argument("--clip", type=float, default=d.clip, help="per-coordinate clip of sent values (the rest is kept for later rounds)")
     ap.add_argument("--keep-sent", action="store_true", help="devices keep a plaintext copy of each contribution (audit)")
     ap.add_argument("--keep-received", action="store_true", help="store every received update's bytes (debug/audit)")

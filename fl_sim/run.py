@@ -44,7 +44,7 @@ class SimSettings:
     secagg: bool = True  # secure aggregation: the aggregator learns only the sum
     density: float = 1.0  # fraction of adapter coordinates sent per round
     sparse_method: str = "topk"  # topk, random, device_topk (needs secagg off)
-    ring_bits: int = 32
+    value_bits: int = 0  # resolution of each sent value under secure aggregation (0 = finest)
     clip: float = 0.05
     keep_sent: bool = False  # devices keep a plaintext copy of what they contributed (audit/tests)
 
@@ -223,7 +223,7 @@ def launch(s: SimSettings) -> Launched:
             "min_devices_to_start": s.devices, "wait_for_devices_s": 180.0, "round_timeout_s": s.round_timeout_s,
             "local_steps": s.local_steps, "learning_rate": s.learning_rate, "seed": s.seed, "protocol": protocol,
             "torch_threads": 1, "eval_max_per_family": max(s.eval_per_family, 1), "keep_received": s.keep_received,
-            "secagg": s.secagg, "density": s.density, "sparse_method": s.sparse_method, "ring_bits": s.ring_bits, "clip": s.clip,
+            "secagg": s.secagg, "density": s.density, "sparse_method": s.sparse_method, "value_bits": s.value_bits, "clip": s.clip,
             **security["aggregator"], **logins.get("aggregator", {}),
         })
         agg = fleet.start("aggregator", ["-m", "aggregator.cli", "run", "--config", str(agg_cfg)])

@@ -393,3 +393,14 @@ def make_server_tls(host: str, *, days: int = 825) -> TlsMaterial:
         raise ValueError(f"days must be >= 1, got {days}")
     ca, ca_key, srv, srv_key = _hazmat.make_tls_certificates(host, days)
     return TlsMaterial(ca_cert_pem=ca, ca_key_pem=ca_key, server_cert_pem=srv, server_key_pem=srv_key)
+
+
+def write_keypair(out_dir: str | Path, stem: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Fresh keys as ``STEM.key`` (private, 0600) and ``STEM.pub.json`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = generate_keys()
+    priv = save_private_keys(keys, out / f"{stem}.key", overwrite=overwrite)
+    pub = out / f"{stem}.pub.json"
+    save_public_keys(keys.public, pub)
+    return Path(priv), pub

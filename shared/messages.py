@@ -94,6 +94,11 @@ class SecAggSpec:
     by the device's weight min(num_examples, weight_norm) / weight_norm (so the sum is an
     example-weighted sum), quantized to ``value_bits`` bits and masked in Z_2^ring_bits;
     n * (2^value_bits - 1) < 2^ring_bits so the sum cannot wrap.
+
+    sketch_block > 0 appends, after the k values, one value per block of that many adapter
+    coordinates: the mean |delta + residual| over the block (weighted and clipped the same way).
+    Summed under the masks, it tells the aggregator where the fleet's unsent mass is, and so which
+    coordinates to ask for next round, without revealing any one device's.
     """
 
     node_ids: tuple[int, ...]
@@ -103,14 +108,15 @@ class SecAggSpec:
     ring_bits: int
     value_bits: int
     weight_norm: int
+    sketch_block: int
 
     def __post_init__(self) -> None:
         if not 1 <= self.ring_bits <= 32 or not 1 <= self.value_bits <= self.ring_bits:
             raise SchemaError(f"SecAggSpec: bad ring_bits {self.ring_bits} / value_bits {self.value_bits}")
         if len(self.node_ids) * ((1 << self.value_bits) - 1) > (1 << self.ring_bits) - 1:
             raise SchemaError("SecAggSpec: the sum of all inputs would wrap the ring")
-        if not self.clip > 0 or self.weight_norm < 1:
-            raise SchemaError("SecAggSpec: clip must be > 0 and weight_norm >= 1")
+        if not self.clip > 0 or self.weight_norm < 1 or self.sketch_block < 0:
+            raise SchemaError("SecAggSpec: clip must be > 0, weight_norm >= 1 and sketch_block >= 0")
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,20 @@ class Update(Message):
 
 
 @dataclass(frozen=True)
-class SparseUpdate(Message):
+class _CompactUpdate(Message):
+    """Fields every compact update carries (the dense ``Update`` predates them and keeps its layout)."""
+
+    round: int
+    device_id: str
+    seq: int
+    num_examples: int
+    steps: int
+    train_loss: float
+    base_digest: str
+
+
+@dataclass(frozen=True)
+class SparseUpdate(_CompactUpdate):
     """A sparse update without secure aggregation: values on the round's index set, or top-k.
 
     ``encoding`` ``shared``: ``values`` holds k values (the spec's value_dtype, little-endian) on
@@ -156,32 +175,18 @@ class SparseUpdate(Message):
     """
 
     KIND: ClassVar[str] = "sparse_update"
-    round: int
-    device_id: str
-    seq: int
-    num_examples: int
-    steps: int
-    train_loss: float
-    base_digest: str
     encoding: Literal["shared", "topk"]
     values: bytes
 
 
 @dataclass(frozen=True)
-class MaskedUpdate(Message):
+class MaskedUpdate(_CompactUpdate):
     """A securely aggregated update: the device's masked vector in Z_2^ring_bits, packed.
 
     The aggregator can only add it to the others; alone it is uniformly random.
     """
 
     KIND: ClassVar[str] = "masked_update"
-    round: int
-    device_id: str
-    seq: int
-    num_examples: int
-    steps: int
-    train_loss: float
-    base_digest: str
     masked: bytes  # shared.sparse.pack_ring(y, ring_bits)
 
 

@@ -28,6 +28,32 @@ def round_indices(sp: M.SparseSpec) -> np.ndarray | None:
     return None
 
 
+def sketch_len(sp: M.SparseSpec, sa: M.SecAggSpec) -> int:
+    """Blocks in the magnitude sketch that follows the k values (0 without a sketch)."""
+    return -(-sp.dim // sa.sketch_block) if sa.sketch_block else 0
+
+
+def secagg_dim(sp: M.SparseSpec, sa: M.SecAggSpec) -> int:
+    """Length of each device's secure-aggregation input: k values, then the sketch."""
+    return sp.k + sketch_len(sp, sa)
+
+
+def block_magnitude(acc: np.ndarray, block: int) -> np.ndarray:
+    """Mean |acc| over consecutive blocks of ``block`` coordinates (the last one may be short)."""
+    a = np.abs(np.asarray(acc, dtype=np.float64))
+    n = -(-a.size // block)
+    sums = np.add.reduceat(a, np.arange(0, a.size, block)) if a.size else np.zeros(0)
+    sizes = np.full(n, block, dtype=np.float64)
+    if n and a.size % block:
+        sizes[-1] = a.size % block
+    return (sums / sizes).astype(np.float32)
+
+
+def expand_blocks(block_scores: np.ndarray, block: int, dim: int) -> np.ndarray:
+    """Per-coordinate scores from per-block ones."""
+    return np.repeat(np.asarray(block_scores, dtype=np.float32), block)[:dim]
+
+
 def value_bits_for(n: int, ring_bits: int) -> int:
     """Finest per-value resolution such that n values summed stay below 2^ring_bits."""
     if n < 1 or not 1 <= ring_bits <= 32:
@@ -36,6 +62,20 @@ def value_bits_for(n: int, ring_bits: int) -> int:
     if bits < 1:
         raise ConfigError(f"{n} devices cannot share a {ring_bits}-bit ring")
     return bits
+
+
+def ring_for(n: int, value_bits: int) -> tuple[int, int]:
+    """(ring_bits, value_bits) for n summands: the smallest ring holding n values of value_bits
+    bits each; value_bits 0 means the finest resolution a 32-bit ring allows."""
+    if n < 1:
+        raise ConfigError(f"need at least one summand, got {n}")
+    if value_bits == 0:
+        return 32, value_bits_for(n, 32)
+    ring = (n * ((1 << value_bits) - 1)).bit_length()
+    if ring > 32:
+        raise ConfigError(f"{n} devices x {value_bits}-bit values do not fit a 32-bit ring; "
+                          f"use value_bits <= {value_bits_for(n, 32)} (or 0)")
+    return ring, value_bits
 
 
 def quant_config(sa: M.SecAggSpec) -> QuantConfig:

@@ -28,7 +28,7 @@ SAMPLES: dict[str, object] = {
                          sparse=M.SparseSpec(method="topk", dim=8, k=2, seed=9, indices=b"\x01\x00\x03",
                                              value_dtype="float16"),
                          secagg=M.SecAggSpec(node_ids=(0, 1), threshold=2, graph_seed=bytes(range(32)), clip=0.125,
-                                             ring_bits=16, value_bits=15, weight_norm=42)),
+                                             ring_bits=16, value_bits=15, weight_norm=42, sketch_block=64)),
     "update": M.Update(round=3, device_id="dev-1", seq=7, num_examples=42, steps=20, train_loss=1.25, payload="delta",
                        base_digest="0f" * 32, tensors=ADAPTER),
     "shutdown": M.Shutdown(reason="done"),

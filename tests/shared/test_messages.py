@@ -23,7 +23,7 @@ SAMPLES: list[M.Message] = [
                 base_digest="ab" * 32, deadline_s=60.0, seed=7, adapter=ADAPTER,
                 sparse=M.SparseSpec(method="topk", dim=16, k=2, seed=3, indices=b"\x01\x02", value_dtype="float16"),
                 secagg=M.SecAggSpec(node_ids=(0, 1), threshold=2, graph_seed=bytes(32), clip=0.1, ring_bits=16,
-                                    value_bits=15, weight_norm=12)),
+                                    value_bits=15, weight_norm=12, sketch_block=4)),
     M.SparseUpdate(round=3, device_id="dev-1", seq=2, num_examples=12, steps=10, train_loss=1.5, base_digest="ab" * 32,
                    encoding="shared", values=b"\x00" * 8),
     M.MaskedUpdate(round=3, device_id="dev-1", seq=2, num_examples=12, steps=10, train_loss=1.5, base_digest="ab" * 32,
@@ -39,7 +39,7 @@ def test_spec_invariants_are_checked() -> None:
         M.SparseSpec(method="topk", dim=16, k=8, seed=0, indices=b"", value_dtype="float32")
     with pytest.raises(SchemaError):  # 3 summands of 16-bit values wrap a 16-bit ring
         M.SecAggSpec(node_ids=(0, 1, 2), threshold=2, graph_seed=bytes(32), clip=0.1, ring_bits=16, value_bits=16,
-                     weight_norm=1)
+                     weight_norm=1, sketch_block=0)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.KIND)

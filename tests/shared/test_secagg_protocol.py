@@ -156,17 +156,7 @@ def test_single_masked_vector_looks_uniform(deterministic_keys: None) -> None:
     p = params(5, 3, dim)
     cfg = quant.QuantConfig(clip=1.0, n_summands=5)
     _, qs = float_inputs(p, cfg, 3)
-    server = server_init(p)
-    clients, adv = {}, []
-    for u in p.node_ids:
-        clients[u], m = client_advertise(p, u)
-        adv.append(m)
-    server, nk = server_collect_keys(server, adv)
-    sk = []
-    for u in p.node_ids:
-        clients[u], m = client_share_keys(clients[u], nk[u])
-        sk.append(m)
-    server, fwd = server_collect_shares(server, sk)
+    clients, fwd = _to_stage2(p)
     u = p.node_ids[2]
     _, y = client_masked_input(clients[u], fwd[u], qs[u])
     # The masked upload passes; the same test rejects the plaintext encoding, so it has power.
