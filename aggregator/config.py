@@ -69,7 +69,9 @@ class AggregatorConfig:
     key_timeout_s: float = 60.0  # deadline of each key-exchange and unmask stage
     # Sparse updates on a round-shared index set (FLASC-style), with error feedback on devices.
     density: float = 1.0  # fraction of adapter coordinates sent per round; 1.0 = dense
-    sparse_method: str = "topk"  # topk (global, momentum), random (seeded), device_topk (secagg off only)
+    # random (seeded random-k: measured best, benchmarks/README.md), topk (global: from the masked
+    # magnitude sketch with secagg, momentum of aggregates without), device_topk (secagg off only)
+    sparse_method: str = "random"
     topk_beta: float = 0.9  # momentum of the aggregate's magnitudes that rank coordinates
     topk_explore: float = 0.25  # share of k drawn at random outside the top, so no coordinate starves
     sparse_value_dtype: str = "float32"  # values without secure aggregation: float32 or float16

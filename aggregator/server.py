@@ -149,9 +149,9 @@ class Aggregator:
             self.global_state = checkpoint.load_adapter(st.checkpoint)
             set_adapter(self.peft, self.global_state)
             self.round = st.round
-            scores = self.out / "sparse_scores.npy"
-            if scores.exists():
-                self.scores = np.load(scores, allow_pickle=False)
+            for attr, name in (("scores", "sparse_scores.npy"), ("sketch", "sparse_sketch.npy")):
+                if (self.out / name).exists():  # the aggregator's own files: what picks the next index set
+                    setattr(self, attr, np.load(self.out / name, allow_pickle=False))
             log.info("resumed from %s (round %d)", st.checkpoint, st.round)
         else:
             self.global_state = get_adapter(self.peft)
@@ -502,6 +502,7 @@ class Aggregator:
         if sa.sketch_block:
             # Where the fleet's unsent mass is (a sum over devices, like everything else we learn).
             self.sketch = update_codec.expand_blocks(summed[k:] / weight, sa.sketch_block, spec.sparse.dim)
+            np.save(self.out / "sparse_sketch.npy", self.sketch, allow_pickle=False)
         mean = sparse.scatter((summed[:k] / weight).astype(np.float32), b.idx, spec.sparse.dim)
         b.received = contributors
         return sparse.unflatten(mean, self.layout)
@@ -534,6 +535,8 @@ class Aggregator:
                 reason = f"{len(b.replies)} of {len(participants)} updates received, quorum is {self.cfg.quorum}"
         except secagg.SecAggAbort as e:
             mean, reason = None, f"secure aggregation aborted: {e}"
+        except ProtocolError as e:  # e.g. unmask shares that rebuild a key not matching its public key
+            mean, reason = None, f"secure aggregation failed: {type(e).__name__}: {e}"
         finally:
             self.book = None
         received = b.received if b.received is not None else sorted(b.replies)

@@ -6,7 +6,7 @@ same non-IID synthetic task families, the same student (built once, loaded with
 MQTT PUBLISH bytes the aggregator counted per device, so the secure path's key exchange and the
 status messages are included in "upload".
 
-    python benchmarks/compression.py           # full: 11 configurations x 2 seeds, 20 rounds (~20 min on 2 cores)
+    python benchmarks/compression.py           # full: 13 configurations x 2 seeds, 20 rounds (~20 min on 2 cores)
     python benchmarks/compression.py --quick   # smoke run, < 2 minutes
 
 Writes ``benchmarks/results/compression[.quick].json`` and a PNG of the bytes-quality curve.
@@ -39,13 +39,15 @@ FULL = [
     ("secagg dense, 1-bit values", dict(secagg=True, density=1.0, value_bits=1)),
     ("secagg random-k 50%, 4-bit values", dict(secagg=True, density=0.5, value_bits=4, sparse_method="random")),
     ("secagg random-k 33%, 6-bit values", dict(secagg=True, density=0.33, value_bits=6, sparse_method="random")),
+    ("secagg random-k 50%, 2-bit values", dict(secagg=True, density=0.5, value_bits=2, sparse_method="random")),
+    ("secagg random-k 33%, 4-bit values", dict(secagg=True, density=0.33, value_bits=4, sparse_method="random")),
     ("secagg random-k 25%, 6-bit values", dict(secagg=True, density=0.25, value_bits=6, sparse_method="random")),
     ("secagg random-k 25%, 4-bit values", dict(secagg=True, density=0.25, value_bits=4, sparse_method="random")),
     ("secagg random-k 15%, 6-bit values", dict(secagg=True, density=0.15, value_bits=6, sparse_method="random")),
     ("secagg top-k 25%, 6-bit values", dict(secagg=True, density=0.25, value_bits=6, sparse_method="topk")),
     ("secagg random-k 10%, 14-bit values", dict(secagg=True, density=0.10, value_bits=14, sparse_method="random")),
 ]
-QUICK = [FULL[0], FULL[6]]
+QUICK = [FULL[0], FULL[9]]
 
 
 def machine() -> dict[str, Any]:

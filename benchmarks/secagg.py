@@ -1,42 +1,53 @@
 """Secure aggregation benchmark: our SecAgg+ (shared.secagg) against Flower's, same run, same inputs.
 
-Both protocols are driven in-process through their own stage functions; no network. Flower is
-emulated exactly as its ``secaggplus_mod`` calls its client stages (``_setup``, ``_share_keys``,
-``_collect_masked_vectors``, ``_unmask`` on a ``SecAggPlusState``) and as
-``SecAggPlusWorkflow`` runs its server stages (graph, relay, sum, ``combine_shares`` +
-``pseudo_rand_gen`` unmasking), minus the Grid/Message transport. Both use the same neighbourhood
-size k = 2*ceil(log2 n)+1, the same threshold, the same clip range and the same float inputs.
+Both protocols are driven through their own stage functions; no network. Flower is emulated
+exactly as its ``secaggplus_mod`` calls its client stages (``_setup``, ``_share_keys``,
+``_collect_masked_vectors``, ``_unmask`` on a ``SecAggPlusState``) and as ``SecAggPlusWorkflow``
+runs its server stages (graph, relay, sum, ``combine_shares`` + ``pseudo_rand_gen`` unmasking),
+minus the Grid/Message transport. Both use the same neighbourhood size k = 2*ceil(log2 n)+1, the
+same threshold, the same clip range and the same float inputs.
+
+The clients run in this process. Each configuration's server runs in a fresh process started
+with the 'spawn' method (``ServerProcess``); client messages reach it through a pipe as they are
+produced, and it keeps what its implementation keeps between stages: ours one masked input at a
+time into a running sum, Flower every stage-2 reply until the sum is done, as
+``grid.send_and_receive`` hands them over. Nothing else lives in the server process.
 
 Measured per configuration:
 - client s: mean wall time of one client's four stages (including quantization), over all clients
   (or over a random sample when ``--client-sample`` is set; all clients still run).
-- server s: wall time of the server's stage code only (graph, relay, sum, unmask, decode).
-- server peak MB: tracemalloc peak of allocations made inside the server calls, plus the server's
-  persistent running sum held between calls. The emulation feeds the server one masked vector at
-  a time for both; Flower's real workflow additionally holds every reply (n * ~8*d bytes) from
-  ``grid.send_and_receive`` before summing, which is not counted here.
+- server s: wall time of the server's stage code only (graph, relay, sum, unmask, decode), timed
+  inside the server process; pipe transfers are not counted.
+- server peak MB: peak resident memory the server stages add to the server process: VmHWM at the
+  end minus VmRSS at a baseline taken after its imports, with VmHWM reset to VmRSS at the baseline
+  (``/proc/self/clear_refs``). The kernel keeps VmHWM, so measuring costs the server nothing. It
+  includes each received message and the pipe's unpickling buffer, which a real server also has.
+  Flower's is also computed from its workflow (n * serialized reply + 3 int64 vectors) as a check.
 - bytes/device: mean over clients of the serialized size of everything a client uploads
   (ours: ``shared.secagg.messages.encode``; Flower: protobuf ``RecordDict`` of each reply).
 
-Usage: python benchmarks/secagg.py [--quick] [--n 10 100 1000] [--d 1000000]
+Linux only (reads /proc/self/status). Usage: python benchmarks/secagg.py [--quick] [--n 10 100 1000] [--d 1000000]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import importlib
 import json
 import logging
-import math
+import multiprocessing as mp
 import os
 import platform
 import random
 import sys
 import time
-import tracemalloc
+import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -47,27 +58,7 @@ from shared.secagg import graph, messages, protocol, quant  # noqa: E402
 
 log = logging.getLogger("benchmarks.secagg")
 CLIP = 8.0  # Flower's default clipping range; both sides use it
-
-
-class ServerMeter:
-    """Times server calls and tracks their memory (tracemalloc only while the server runs)."""
-
-    def __init__(self, trace: bool) -> None:
-        self.seconds = 0.0
-        self.peak = 0
-        self.trace = trace
-
-    def __call__(self, fn: Callable[..., Any], *args: Any, persistent: int = 0) -> Any:
-        if self.trace:
-            tracemalloc.start()
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.seconds += time.perf_counter() - t0
-            if self.trace:
-                self.peak = max(self.peak, persistent + tracemalloc.get_traced_memory()[1])
-                tracemalloc.stop()
+MIB = 2**20
 
 
 def make_input(u: int, d: int, seed: int) -> np.ndarray:
@@ -78,11 +69,131 @@ def pick_dropouts(ids: list[int], frac: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(ids, round(frac * len(ids))))
 
 
+# ------------------------------------------------------------------------------ server process
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _serve(conn: Connection, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Server process: build the server (imports happen here), take the baseline, run stage calls."""
+    try:
+        server = factory(**kwargs)
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+            reset = True
+        except OSError:
+            reset = False  # peak still valid whenever the server stages exceed the import peak
+        base = _status_kib("VmRSS")
+        conn.send(("ok", None))
+        seconds = 0.0
+        while True:
+            name, args = conn.recv()
+            if name == "close":
+                break
+            t0 = time.perf_counter()
+            out = getattr(server, name)(*args)
+            seconds += time.perf_counter() - t0
+            conn.send(("ok", out))
+            del out, args  # hold only what the server object keeps, not the last message
+        hwm = _status_kib("VmHWM")
+        conn.send(("ok", {"seconds": seconds, "peak_mb": max(0, hwm - base) / 1024, "baseline_mb": base / 1024,
+                          "hwm_reset": reset}))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+class ServerProcess:
+    """One implementation's server in a fresh spawned process: ``proc("method", *args)`` runs a stage."""
+
+    def __init__(self, factory: Callable[..., Any], **kwargs: Any) -> None:
+        ctx = mp.get_context("spawn")  # fresh interpreter: nothing of the parent's clients is resident
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, factory, kwargs), daemon=True)
+        self._proc.start()
+        child.close()
+        self._recv()
+
+    def _recv(self) -> Any:
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join(10)
+            raise RuntimeError(f"server process died (exit code {self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"server process failed:\n{payload}")
+        return payload
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        self._conn.send((name, args))
+        return self._recv()
+
+    def close(self) -> dict[str, Any]:
+        """Stop the server; returns its stage seconds and peak resident growth."""
+        self._conn.send(("close", ()))
+        stats: dict[str, Any] = self._recv()
+        self._proc.join()
+        return stats
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+
+
+def server_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    if not stats["hwm_reset"]:
+        log.warning("could not reset VmHWM: server peak MB may include the import peak")
+    return {"server_s": stats["seconds"], "server_peak_mb": stats["peak_mb"],
+            "server_baseline_mb": stats["baseline_mb"], "server_hwm_reset": stats["hwm_reset"]}
+
+
 # ------------------------------------------------------------------------------------------ ours
 
 
-def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | None, trace: bool = True
-             ) -> dict[str, Any]:
+class OursServer:
+    """Our server stages; between them it keeps only ``ServerState`` (running uint32 sum included)."""
+
+    def __init__(self, p: protocol.SecAggParams, cfg: quant.QuantConfig) -> None:
+        self.p, self.cfg = p, cfg
+        self.state: protocol.ServerState | None = None
+
+    def init(self) -> None:
+        self.state = protocol.server_init(self.p)
+
+    def collect_keys(self, adv: list[messages.AdvertiseKeys]) -> Any:
+        self.state, nk = protocol.server_collect_keys(self.state, adv)
+        return nk
+
+    def collect_shares(self, sk: list[messages.ShareKeys]) -> Any:
+        self.state, fwd = protocol.server_collect_shares(self.state, sk)
+        return fwd
+
+    def add_masked(self, y: messages.MaskedInput) -> None:
+        self.state = protocol.server_add_masked(self.state, y)
+
+    def request_unmask(self) -> Any:
+        self.state, req = protocol.server_request_unmask(self.state)
+        return req
+
+    def unmask(self, replies: list[messages.UnmaskShares]) -> tuple[np.ndarray, int]:
+        res = protocol.server_unmask(self.state, replies)
+        return quant.dequantize_sum(res.total, self.cfg, len(res.contributors)), len(res.contributors)
+
+
+def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | None) -> dict[str, Any]:
     ids = list(range(1, n + 1))
     p = protocol.SecAggParams(round_id=1, node_ids=tuple(ids), threshold=protocol.default_threshold(n), dim=d,
                               graph_seed=os.urandom(32))
@@ -90,7 +201,6 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
     dropped = pick_dropouts(ids, drop_frac, seed)  # vanish after share keys: no masked input
     ctime = {u: 0.0 for u in ids}
     up = {u: 0 for u in ids}
-    srv = ServerMeter(trace)
 
     def client(u: int, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -98,49 +208,51 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
         ctime[u] += time.perf_counter() - t0
         return out
 
-    server = srv(protocol.server_init, p)
-    states, adv = {}, []
-    for u in ids:
-        states[u], m = client(u, protocol.client_advertise, p, u)
-        up[u] += len(messages.encode(m))
-        adv.append(m)
-    server, nk = srv(protocol.server_collect_keys, server, adv)
-    sk = []
-    for u in ids:
-        states[u], m = client(u, protocol.client_share_keys, states[u], nk[u])
-        up[u] += len(messages.encode(m))
-        sk.append(m)
-    server, fwd = srv(protocol.server_collect_shares, server, sk)
-    true_sum = np.zeros(d, dtype=np.float64)
-    for u in ids:
-        if u in dropped:
-            continue
-        x = make_input(u, d, seed)
-        true_sum += np.clip(x, -CLIP, CLIP)
+    with ServerProcess(OursServer, p=p, cfg=cfg) as srv:
+        srv("init")
+        states, adv = {}, []
+        for u in ids:
+            states[u], m = client(u, protocol.client_advertise, p, u)
+            up[u] += len(messages.encode(m))
+            adv.append(m)
+        nk = srv("collect_keys", adv)
+        sk = []
+        for u in ids:
+            states[u], m = client(u, protocol.client_share_keys, states[u], nk[u])
+            up[u] += len(messages.encode(m))
+            sk.append(m)
+        fwd = srv("collect_shares", sk)
+        del adv, nk, sk
+        true_sum = np.zeros(d, dtype=np.float64)
+        for u in ids:
+            if u in dropped:
+                continue
+            x = make_input(u, d, seed)
+            true_sum += np.clip(x, -CLIP, CLIP)
 
-        def stage2(st: protocol.ClientState, fw: messages.ForwardedShares, x: np.ndarray = x, u: int = u):
-            return protocol.client_masked_input(st, fw, quant.quantize(x, cfg, seed=u))
+            def stage2(st: protocol.ClientState, fw: messages.ForwardedShares, x: np.ndarray = x, u: int = u):
+                return protocol.client_masked_input(st, fw, quant.quantize(x, cfg, seed=u))
 
-        states[u], y = client(u, stage2, states[u], fwd[u])
-        up[u] += len(messages.encode(y))
-        server = srv(protocol.server_add_masked, server, y, persistent=4 * d)
-        del y
-    server, req = srv(protocol.server_request_unmask, server, persistent=4 * d)
-    replies = []
-    for u in req.survivors:
-        states[u], r = client(u, protocol.client_unmask, states[u], protocol.unmask_request_for(req, u))
-        up[u] += len(messages.encode(r))
-        replies.append(r)
-    res = srv(protocol.server_unmask, server, replies, persistent=4 * d)
-    got = srv(quant.dequantize_sum, res.total, cfg, len(res.contributors), persistent=4 * d)
+            states[u], y = client(u, stage2, states[u], fwd[u])
+            up[u] += len(messages.encode(y))
+            srv("add_masked", y)
+            del y
+        req = srv("request_unmask")
+        replies = []
+        for u in req.survivors:
+            states[u], r = client(u, protocol.client_unmask, states[u], protocol.unmask_request_for(req, u))
+            up[u] += len(messages.encode(r))
+            replies.append(r)
+        got, n_contrib = srv("unmask", replies)
+        stats = srv.close()
     err = float(np.abs(got - true_sum).max())
-    bound = quant.error_bound(cfg, len(res.contributors))
+    bound = quant.error_bound(cfg, n_contrib)
     if err > bound:
         raise AssertionError(f"ours: unmasked sum off by {err} > bound {bound}")
     timed = [u for u in ids if (sample is None or u in sample)]
     live = [u for u in timed if u not in dropped]
-    return {"client_s": float(np.mean([ctime[u] for u in live])), "server_s": srv.seconds,
-            "server_peak_mb": srv.peak / 2**20, "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
+    return {"client_s": float(np.mean([ctime[u] for u in live])), **server_fields(stats),
+            "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
             "max_abs_err_sum": err, "error_bound_sum": bound, "threshold": p.threshold,
             "k": graph.neighbourhood_size(n), "clients_timed": len(live)}
 
@@ -148,21 +260,129 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
 # ---------------------------------------------------------------------------------------- flower
 
 
+class FlowerServer:
+    """``SecAggPlusWorkflow``'s server stages minus messaging, keeping what the workflow keeps.
+
+    Stage 2 holds every reply until the sum is done: ``grid.send_and_receive`` returns them all
+    before ``collect_masked_vectors_stage`` sums them, and they are freed when that stage returns.
+    """
+
+    def __init__(self, ids: list[int], k: int, threshold: int, target_range: int, mod_range: int) -> None:
+        from flwr.common import bytes_to_ndarray
+        from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+        from flwr.common.secure_aggregation.ndarrays_arithmetic import (factor_extract, get_parameters_shape,
+                                                                        parameters_addition, parameters_mod,
+                                                                        parameters_subtraction)
+        from flwr.common.secure_aggregation.quantization import dequantize
+        from flwr.common.secure_aggregation.secaggplus_constants import Key
+        from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+        from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+        self.f = dict(bytes_to_ndarray=bytes_to_ndarray, combine_shares=combine_shares,
+                      generate_shared_key=generate_shared_key, factor_extract=factor_extract,
+                      get_parameters_shape=get_parameters_shape, parameters_addition=parameters_addition,
+                      parameters_mod=parameters_mod, parameters_subtraction=parameters_subtraction,
+                      dequantize=dequantize, pseudo_rand_gen=pseudo_rand_gen,
+                      bytes_to_private_key=bytes_to_private_key, bytes_to_public_key=bytes_to_public_key)
+        self.key = Key
+        self.ids, self.k, self.threshold = ids, k, threshold
+        self.target_range, self.mod_range = target_range, mod_range
+        self.nbrs: dict[int, set[int]] = {}
+        self.pks: dict[int, list[bytes]] = {}
+        self.replies2: list[tuple[int, dict[str, Any]]] = []
+        self.acc: list[np.ndarray] | None = None
+        self.active: set[int] = set()
+
+    def _check(self, active: set[int]) -> None:
+        for nid in self.ids:
+            if len(self.nbrs[nid] & active) < self.threshold:
+                raise RuntimeError("flower: insufficient available nodes")
+
+    def setup(self) -> None:
+        """Stage 0 (setup_stage): shuffled ring graph."""
+        order = list(self.ids)
+        random.shuffle(order)
+        half, n = self.k >> 1, len(order)
+        self.nbrs = {nid: {order[(i + off) % n] for off in range(-half, half + 1)} for i, nid in enumerate(order)}
+
+    def share_keys(self, pks: dict[int, list[bytes]]) -> dict[int, dict[str, list[bytes]]]:
+        """Stage 1 send: each node gets its neighbours' public keys."""
+        self.pks = pks
+        self._check(set(self.ids))
+        return {u: {str(v): pks[v] for v in self.nbrs[u]} for u in self.ids}
+
+    def relay(self, replies1: dict[int, dict[str, Any]]) -> tuple[dict[int, list[bytes]], dict[int, list[int]]]:
+        key = self.key
+        fc: dict[int, list[bytes]] = {v: [] for v in self.ids}
+        fs: dict[int, list[int]] = {v: [] for v in self.ids}
+        for u, res in replies1.items():
+            for dst, ct in zip(res[key.DESTINATION_LIST], res[key.CIPHERTEXT_LIST], strict=True):
+                if dst in fc:
+                    fc[dst].append(ct)
+                    fs[dst].append(u)
+        self._check(set(self.ids))
+        return fc, fs
+
+    def receive_masked(self, u: int, res: dict[str, Any]) -> None:
+        self.replies2.append((u, res))
+
+    def sum_masked(self) -> None:
+        """Stage 2 after send_and_receive: sum every held reply, then drop them."""
+        f = self.f
+        acc = None
+        for _, res in self.replies2:
+            vec = [f["bytes_to_ndarray"](b) for b in res[self.key.MASKED_PARAMETERS]]
+            acc = vec if acc is None else f["parameters_addition"](acc, vec)
+        self.acc = f["parameters_mod"](acc, self.mod_range)
+        self.active = {u for u, _ in self.replies2}
+        self.replies2 = []
+        self._check(self.active)
+
+    def unmask_requests(self) -> dict[int, dict[str, list[int]]]:
+        dead = set(self.ids) - self.active
+        return {u: {self.key.ACTIVE_NODE_ID_LIST: list(self.nbrs[u] & self.active),
+                    self.key.DEAD_NODE_ID_LIST: list(self.nbrs[u] & dead)} for u in sorted(self.active)}
+
+    def unmask(self, replies3: dict[int, dict[str, Any]]) -> np.ndarray:
+        f, key, active = self.f, self.key, self.active
+        collected: dict[int, list[bytes]] = {nid: [] for nid in self.ids}
+        for res in replies3.values():
+            for owner, share in zip(res[key.NODE_ID_LIST], res[key.SHARE_LIST], strict=True):
+                collected[owner].append(share)
+        masked, self.acc = self.acc, None
+        shape = f["get_parameters_shape"](masked)
+        for nid, share_list in collected.items():
+            if len(share_list) < self.threshold:
+                raise RuntimeError("flower: not enough shares")
+            secret = f["combine_shares"](share_list)
+            if nid in active:
+                mask = f["pseudo_rand_gen"](secret, self.mod_range, shape)
+                masked = f["parameters_subtraction"](masked, mask)
+            else:
+                for v in self.nbrs[nid] - {nid}:
+                    sk = f["generate_shared_key"](f["bytes_to_private_key"](secret),
+                                                  f["bytes_to_public_key"](self.pks[v][0]))
+                    mask = f["pseudo_rand_gen"](sk, self.mod_range, shape)
+                    masked = (f["parameters_addition"](masked, mask) if nid > v
+                              else f["parameters_subtraction"](masked, mask))
+        recon = f["parameters_mod"](masked, self.mod_range)
+        q_total, recon = f["factor_extract"](recon)
+        agg = f["dequantize"](recon, CLIP, self.target_range)
+        offset = -(len(active) - 1) * CLIP
+        for vec in agg:
+            vec += offset
+            vec *= self.target_range / q_total
+        return agg[0]
+
+
 def run_flower(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | None) -> dict[str, Any]:
     from flwr.app import ConfigRecord, RecordDict
     # The package re-exports the mod *function* under the module's name; fetch the module itself.
     fm = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-    from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import (factor_extract, get_parameters_shape,
-                                                                    parameters_addition, parameters_mod,
-                                                                    parameters_subtraction)
-    from flwr.common.secure_aggregation.quantization import dequantize
+    from flwr.common import ndarrays_to_parameters
     from flwr.common.secure_aggregation.secaggplus_constants import Key
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
     from flwr.common.serde import recorddict_to_proto
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
     ids = list(range(1, n + 1))
     k = graph.neighbourhood_size(n)
@@ -172,10 +392,7 @@ def run_flower(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | N
     dropped = pick_dropouts(ids, drop_frac, seed)
     ctime = {u: 0.0 for u in ids}
     up = {u: 0 for u in ids}
-    # No tracemalloc here: it slows pycryptodome's pure-Python GF(2^128) Shamir by an order of
-    # magnitude, which would inflate Flower's server time. Memory is computed from the workflow.
-    srv = ServerMeter(False)
-    masked_reply = [0]
+    masked_reply = 0
 
     def wire(res: dict[str, Any]) -> int:
         return recorddict_to_proto(RecordDict({"secaggplus": ConfigRecord(res, True)})).ByteSize()
@@ -186,123 +403,62 @@ def run_flower(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | N
         ctime[u] += time.perf_counter() - t0
         return out
 
-    # Server stage 0 (setup_stage): parameters, shuffled ring graph.
-    def setup() -> dict[int, set[int]]:
-        order = list(ids)
-        random.shuffle(order)
-        half = k >> 1
-        return {nid: {order[(i + off) % n] for off in range(-half, half + 1)} for i, nid in enumerate(order)}
-
-    nbrs = srv(setup)
-    cfg = {Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: k, Key.THRESHOLD: threshold, Key.CLIPPING_RANGE: CLIP,
-           Key.TARGET_RANGE: target_range, Key.MOD_RANGE: mod_range, Key.MAX_WEIGHT: max_weight}
-    states: dict[int, Any] = {}
-    pks: dict[int, list[bytes]] = {}
-    for u in ids:
-        st = fm.SecAggPlusState()
-        st.nid = u
-        res = client(u, fm._setup, st, dict(cfg))
-        states[u] = st
-        up[u] += wire(res)
-        pks[u] = [res[Key.PUBLIC_KEY_1], res[Key.PUBLIC_KEY_2]]
-
-    def check(active: set[int]) -> None:
-        for nid in ids:
-            if len(nbrs[nid] & active) < threshold:
-                raise RuntimeError("flower: insufficient available nodes")
-
-    srv(check, set(ids))
-    # Stage 1 (share_keys_stage): send neighbour keys, relay ciphertexts.
-    replies1 = {}
-    for u in ids:
-        keys = {str(v): pks[v] for v in nbrs[u]}
-        res = client(u, fm._share_keys, states[u], keys)
-        up[u] += wire(res)
-        replies1[u] = res
-
-    def relay() -> tuple[dict[int, list[bytes]], dict[int, list[int]]]:
-        fc: dict[int, list[bytes]] = {v: [] for v in ids}
-        fs: dict[int, list[int]] = {v: [] for v in ids}
-        for u, res in replies1.items():
-            for dst, ct in zip(res[Key.DESTINATION_LIST], res[Key.CIPHERTEXT_LIST], strict=True):
-                if dst in fc:
-                    fc[dst].append(ct)
-                    fs[dst].append(u)
-        check(set(ids))
-        return fc, fs
-
-    fwd_ct, fwd_src = srv(relay)
-    # Stage 2 (collect_masked_vectors_stage), one reply at a time.
-    acc: list[Any] = [None]
-    true_sum = np.zeros(d, dtype=np.float64)
-
-    def add(blobs: list[bytes]) -> None:
-        vec = [bytes_to_ndarray(b) for b in blobs]
-        acc[0] = vec if acc[0] is None else parameters_addition(acc[0], vec)
-
-    active = set(ids) - dropped
-    for u in ids:
-        if u in dropped:
-            continue
-        x = make_input(u, d, seed)
-        true_sum += np.clip(x, -CLIP, CLIP)
-        params = ndarrays_to_parameters([x])
-        conf = {Key.CIPHERTEXT_LIST: fwd_ct[u], Key.SOURCE_LIST: fwd_src[u]}
-        res = client(u, fm._collect_masked_vectors, states[u], conf, int(max_weight), params)
-        size = wire(res)
-        up[u] += size
-        masked_reply[0] = max(masked_reply[0], size)
-        held = 0 if acc[0] is None else sum(a.nbytes for a in acc[0])
-        srv(add, res[Key.MASKED_PARAMETERS], persistent=held)
-        del res, params
-    held = sum(a.nbytes for a in acc[0])
-    acc[0] = srv(parameters_mod, acc[0], mod_range, persistent=held)
-    srv(check, active)
-    # Stage 3 (unmask_stage).
-    replies3 = {}
-    for u in sorted(active):
-        conf = {Key.ACTIVE_NODE_ID_LIST: list(nbrs[u] & active), Key.DEAD_NODE_ID_LIST: list(nbrs[u] & dropped)}
-        res = client(u, fm._unmask, states[u], conf)
-        up[u] += wire(res)
-        replies3[u] = res
-
-    def unmask() -> np.ndarray:
-        collected: dict[int, list[bytes]] = {nid: [] for nid in ids}
-        for res in replies3.values():
-            for owner, share in zip(res[Key.NODE_ID_LIST], res[Key.SHARE_LIST], strict=True):
-                collected[owner].append(share)
-        masked = acc[0]
-        acc[0] = None
-        for nid, share_list in collected.items():
-            if len(share_list) < threshold:
-                raise RuntimeError("flower: not enough shares")
-            secret = combine_shares(share_list)
-            if nid in active:
-                mask = pseudo_rand_gen(secret, mod_range, get_parameters_shape(masked))
-                masked = parameters_subtraction(masked, mask)
-            else:
-                for v in nbrs[nid] - {nid}:
-                    sk = generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(pks[v][0]))
-                    mask = pseudo_rand_gen(sk, mod_range, get_parameters_shape(masked))
-                    masked = parameters_addition(masked, mask) if nid > v else parameters_subtraction(masked, mask)
-        recon = parameters_mod(masked, mod_range)
-        q_total, recon = factor_extract(recon)
-        agg = dequantize(recon, CLIP, target_range)
-        offset = -(len(active) - 1) * CLIP
-        for vec in agg:
-            vec += offset
-            vec *= target_range / q_total
-        return agg[0]
-
-    mean = srv(unmask, persistent=8 * (d + 1))
-    err = float(np.abs(mean * len(active) - true_sum).max())
+    with ServerProcess(FlowerServer, ids=ids, k=k, threshold=threshold, target_range=target_range,
+                       mod_range=mod_range) as srv:
+        srv("setup")
+        cfg = {Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: k, Key.THRESHOLD: threshold, Key.CLIPPING_RANGE: CLIP,
+               Key.TARGET_RANGE: target_range, Key.MOD_RANGE: mod_range, Key.MAX_WEIGHT: max_weight}
+        states: dict[int, Any] = {}
+        pks: dict[int, list[bytes]] = {}
+        for u in ids:
+            st = fm.SecAggPlusState()
+            st.nid = u
+            res = client(u, fm._setup, st, dict(cfg))
+            states[u] = st
+            up[u] += wire(res)
+            pks[u] = [res[Key.PUBLIC_KEY_1], res[Key.PUBLIC_KEY_2]]
+        # Stage 1 (share_keys_stage): send neighbour keys, relay ciphertexts.
+        keys = srv("share_keys", pks)
+        replies1 = {}
+        for u in ids:
+            res = client(u, fm._share_keys, states[u], keys[u])
+            up[u] += wire(res)
+            replies1[u] = res
+        fwd_ct, fwd_src = srv("relay", replies1)
+        del pks, keys, replies1
+        # Stage 2 (collect_masked_vectors_stage): each reply goes to the server as it is produced.
+        true_sum = np.zeros(d, dtype=np.float64)
+        for u in ids:
+            if u in dropped:
+                continue
+            x = make_input(u, d, seed)
+            true_sum += np.clip(x, -CLIP, CLIP)
+            params = ndarrays_to_parameters([x])
+            conf = {Key.CIPHERTEXT_LIST: fwd_ct[u], Key.SOURCE_LIST: fwd_src[u]}
+            res = client(u, fm._collect_masked_vectors, states[u], conf, int(max_weight), params)
+            size = wire(res)
+            up[u] += size
+            masked_reply = max(masked_reply, size)
+            srv("receive_masked", u, res)
+            del res, params
+        srv("sum_masked")
+        # Stage 3 (unmask_stage).
+        replies3 = {}
+        for u, conf in srv("unmask_requests").items():
+            res = client(u, fm._unmask, states[u], conf)
+            up[u] += wire(res)
+            replies3[u] = res
+        mean = srv("unmask", replies3)
+        stats = srv.close()
+    n_active = n - len(dropped)
+    err = float(np.abs(mean * n_active - true_sum).max())
     timed = [u for u in ids if (sample is None or u in sample)]
     live = [u for u in timed if u not in dropped]
-    # Workflow memory: send_and_receive returns every stage-2 reply before the sum starts, then the
-    # running sum, one regenerated mask and one result list (int64, d + 1 entries each).
-    peak = len(active) * masked_reply[0] + 3 * 8 * (d + 1)
-    return {"client_s": float(np.mean([ctime[u] for u in live])), "server_s": srv.seconds,
-            "server_peak_mb": peak / 2**20, "server_peak_how": "computed: n held replies + 3 int64 vectors",
+    # Cross-check of the measurement: all stage-2 replies held, then the running sum, one
+    # regenerated mask and one result list (int64, d + 1 entries each).
+    computed = n_active * masked_reply + 3 * 8 * (d + 1)
+    return {"client_s": float(np.mean([ctime[u] for u in live])), **server_fields(stats),
+            "server_peak_mb_computed": computed / MIB,
             "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
             "max_abs_err_sum": err, "threshold": threshold, "k": k, "clients_timed": len(live)}
 
@@ -350,7 +506,6 @@ def main() -> None:
     ap.add_argument("--client-sample", type=int, default=0,
                     help="average client time over this many random clients (0: all); all clients still run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-trace", action="store_true", help="do not run tracemalloc around our server calls")
     ap.add_argument("--ours-only", action="store_true", help="skip Flower even if it is importable")
     ap.add_argument("--out", type=Path, help="JSON output path")
     args = ap.parse_args()
@@ -368,11 +523,13 @@ def main() -> None:
     report: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine(), "d": d, "clip": CLIP, "flower": why_not is None,
                               "flower_skip_reason": why_not, "dropout_stage": "after share keys (no masked input)",
-                              "server_memory": {
-                                  "ours": "tracemalloc peak inside our server calls + the persistent running sum "
-                                          "(tracemalloc is on during the timed server calls; its overhead counts against us)",
-                                  "flower": "computed from its workflow: all n stage-2 replies held (serialized size) "
-                                            "+ 3 int64 vectors; not traced (tracing would slow its pure-Python Shamir)"},
+                              "server_memory": (
+                                  "measured on both sides: peak resident memory added by the server stages in a fresh "
+                                  "spawned server process (VmHWM at the end minus VmRSS at a baseline taken after "
+                                  "imports, VmHWM reset at the baseline); Flower's server holds every stage-2 reply "
+                                  "until it has summed them, as grid.send_and_receive returns them; the clients, "
+                                  "their inputs and the global model are not in that process. flower "
+                                  "server_peak_mb_computed = n held serialized replies + 3 int64 vectors, a check"),
                               "results": rows}
     for n in ns:
         for frac in args.drop:
@@ -381,7 +538,7 @@ def main() -> None:
                 sample = set(random.Random(args.seed + n).sample(range(1, n + 1), args.client_sample))
             row: dict[str, Any] = {"n": n, "d": d, "drop": frac}
             t0 = time.perf_counter()
-            row["ours"] = run_ours(n, d, frac, args.seed, sample, trace=not args.no_trace)
+            row["ours"] = run_ours(n, d, frac, args.seed, sample)
             log.info("n=%d drop=%.0f%% ours done in %.1f s: %s", n, 100 * frac, time.perf_counter() - t0, row["ours"])
             if why_not is None:
                 t0 = time.perf_counter()
@@ -392,8 +549,8 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))  # after every row, so a cut-off run keeps what it did
     heads = ["n", "drop", "client s ours", "flower", "ratio", "server s ours", "flower", "ratio",
-             "srv MB ours", "flower", "ratio", "B/dev ours", "flower", "ratio"]
-    widths = [5, 5, 13, 8, 6, 13, 8, 6, 11, 8, 6, 11, 10, 6]
+             "srv MB ours", "flower", "ratio", "B/dev ours", "flower", "ratio", "flower MB computed"]
+    widths = [5, 5, 13, 8, 6, 13, 8, 6, 11, 8, 6, 11, 10, 6, 18]
     lines = [fmt_row(heads, widths)]
     for r in rows:
         o, f = r["ours"], r.get("flower")
@@ -401,6 +558,7 @@ def main() -> None:
         for key, spec in (("client_s", ".4f"), ("server_s", ".2f"), ("server_peak_mb", ".1f"), ("bytes_per_device", ".0f")):
             cols.append(format(o[key], spec))
             cols += [format(f[key], spec), f"{o[key] / f[key]:.2f}"] if f else ["-", "-"]
+        cols.append(format(f["server_peak_mb_computed"], ".1f") if f else "-")
         lines.append(fmt_row(cols, widths))
     table = "\n".join(lines)
     report["table"] = table

@@ -38,7 +38,7 @@ def parse(argv: list[str] | None) -> SimSettings:
                     help="secure aggregation (default on): the aggregator learns only the sum of the updates")
     ap.add_argument("--density", type=float, default=d.density, help="fraction of adapter coordinates sent per round (1.0 = dense)")
     ap.add_argument("--sparse-method", choices=("topk", "random", "device_topk"), default=d.sparse_method,
-                    help="shared global top-k (default), seeded random-k, or per-device top-k (needs --no-secagg)")
+                    help="seeded random-k (default), shared global top-k, or per-device top-k (needs --no-secagg)")
     ap.add_argument("--value-bits", type=int, default=d.value_bits,
                     help="bits of resolution per sent value (0 = finest; the masked ring adds ceil(log2 n) bits)")
     ap.add_argument("--clip", type=float, default=d.clip, help="per-coordinate clip of sent values (the rest is kept for later rounds)")

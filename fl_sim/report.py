@@ -37,8 +37,8 @@ def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
     devices = sorted({d for r in rows for d in list(r["bytes_up"]) + list(r["bytes_down"])})
     lines += ["", "## Bytes on the wire per device", "",
               "MQTT PUBLISH packets as sent or received (fixed header, topic, packet id, payload); TCP/TLS framing and acks "
-              "not counted. Up: updates and status messages the device sent during rounds; down: round announcements "
-              "(each carries the global adapter).", "",
+              "not counted. Up: updates, secure-aggregation key exchange and status messages the device sent during rounds; "
+              "down: round announcements (each carries the global adapter) and secure-aggregation relays.", "",
               "| device | " + " | ".join(f"r{r['round']} up / down" for r in rows if r["round"] > 0) + " | total up | total down |",
               "|---|" + "---|" * (sum(1 for r in rows if r["round"] > 0) + 2)]
     for d in devices:

@@ -43,7 +43,7 @@ class SimSettings:
     keep_received: bool = False
     secagg: bool = True  # secure aggregation: the aggregator learns only the sum
     density: float = 1.0  # fraction of adapter coordinates sent per round
-    sparse_method: str = "topk"  # topk, random, device_topk (needs secagg off)
+    sparse_method: str = "random"  # random, topk, device_topk (needs secagg off)
     value_bits: int = 0  # resolution of each sent value under secure aggregation (0 = finest)
     clip: float = 0.05
     keep_sent: bool = False  # devices keep a plaintext copy of what they contributed (audit/tests)

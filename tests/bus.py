@@ -84,11 +84,13 @@ class DropPlan:
         self.dead: set[str] = set()
         self.sent: dict[str, int] = {}
         self.edges: dict[str, Any] = {}
+        self.replay: set[str] = set()  # devices whose every stage message is followed by their previous one
+        self.last: dict[str, tuple[str, bytes]] = {}
 
-    def start_round(self, drops: dict[str, str], edges: list[Any]) -> None:
+    def start_round(self, drops: dict[str, str], edges: list[Any], replay: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         self.edges = {e.cfg.device_id: e for e in edges}
         revived = self.dead
-        self.drops, self.dead, self.sent = dict(drops), set(), {}
+        self.drops, self.dead, self.sent, self.replay, self.last = dict(drops), set(), {}, set(replay), {}
         for dev in sorted(revived):
             self.edges[dev].link.inbox.clear()
             self.edges[dev].publish_status("online")
@@ -111,6 +113,14 @@ class DropPlan:
                 # What the broker would publish for a dead client: its (signed) last will.
                 self.edges[dev].link.bus.publish(topics.up(dev, "status"), self.edges[dev]._status("offline", "killed"), retain=True)
                 return False
+            if dev in self.replay:
+                # An attacker on the broker replaying the device's previous message after this one.
+                bus, previous = self.edges[dev].link.bus, self.last.get(dev)
+                self.last[dev] = (topic, payload)
+                if previous is not None:
+                    bus.publish(topic, payload)
+                    bus.publish(*previous)
+                    return False
             return True
 
         return allow
