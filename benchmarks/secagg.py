@@ -18,15 +18,16 @@ Measured per configuration:
   (or over a random sample when ``--client-sample`` is set; all clients still run).
 - server s: wall time of the server's stage code only (graph, relay, sum, unmask, decode), timed
   inside the server process; pipe transfers are not counted.
-- server peak MB: peak resident memory the server stages add to the server process: VmHWM at the
-  end minus VmRSS at a baseline taken after its imports, with VmHWM reset to VmRSS at the baseline
-  (``/proc/self/clear_refs``). The kernel keeps VmHWM, so measuring costs the server nothing. It
-  includes each received message and the pipe's unpickling buffer, which a real server also has.
+- server peak MB (MiB, 2**20 bytes): peak resident memory the server stages add to the server
+  process: VmHWM at the end minus VmRSS at a baseline taken after its imports, with VmHWM reset
+  to VmRSS at the baseline (``/proc/self/clear_refs``). The kernel keeps VmHWM, so measuring
+  costs the server nothing. The pipe's receive buffer (one message long) is resident before the
+  baseline; every received message counts, and so does freed memory that malloc keeps resident.
   Flower's is also computed from its workflow (n * serialized reply + 3 int64 vectors) as a check.
 - bytes/device: mean over clients of the serialized size of everything a client uploads
   (ours: ``shared.secagg.messages.encode``; Flower: protobuf ``RecordDict`` of each reply).
 
-Linux only (reads /proc/self/status). Usage: python benchmarks/secagg.py [--quick] [--n 10 100 1000] [--d 1000000]
+Linux only (reads /proc/self). Usage: python benchmarks/secagg.py [--quick] [--n 10 100 1000] [--d 1000000]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import random
 import sys
@@ -80,10 +82,17 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _serve(conn: Connection, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    """Server process: build the server (imports happen here), take the baseline, run stage calls."""
+def _serve(conn: Connection, factory: Callable[..., Any], kwargs: dict[str, Any], buf_bytes: int) -> None:
+    """Server process: build the server (imports happen here), take the baseline, run stage calls.
+
+    Messages arrive pickled into one receive buffer allocated and touched before the baseline, so
+    the pipe costs no resident memory afterwards; each unpickled message is the server's to hold.
+    """
     try:
         server = factory(**kwargs)
+        buf = bytearray(buf_bytes)
+        np.frombuffer(buf, dtype=np.uint8).fill(1)  # make every page resident now
+        view = memoryview(buf)
         gc.collect()
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -95,28 +104,37 @@ def _serve(conn: Connection, factory: Callable[..., Any], kwargs: dict[str, Any]
         conn.send(("ok", None))
         seconds = 0.0
         while True:
-            name, args = conn.recv()
-            if name == "close":
-                break
-            t0 = time.perf_counter()
-            out = getattr(server, name)(*args)
-            seconds += time.perf_counter() - t0
+            try:
+                size = conn.recv_bytes_into(buf)
+                name, args = pickle.loads(view[:size])
+            except mp.BufferTooShort as exc:  # a message larger than the buffer: counted in full
+                name, args = pickle.loads(exc.args[0])
+            except EOFError:
+                return
+            if name == "stats":  # read before the result is pickled back, which is not server work
+                hwm = _status_kib("VmHWM")
+                out: Any = {"seconds": seconds, "peak_mb": max(0, hwm - base) / 1024, "baseline_mb": base / 1024,
+                            "hwm_reset": reset}
+            else:
+                t0 = time.perf_counter()
+                out = getattr(server, name)(*args)
+                seconds += time.perf_counter() - t0
             conn.send(("ok", out))
             del out, args  # hold only what the server object keeps, not the last message
-        hwm = _status_kib("VmHWM")
-        conn.send(("ok", {"seconds": seconds, "peak_mb": max(0, hwm - base) / 1024, "baseline_mb": base / 1024,
-                          "hwm_reset": reset}))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
 
 
 class ServerProcess:
-    """One implementation's server in a fresh spawned process: ``proc("method", *args)`` runs a stage."""
+    """One implementation's server in a fresh spawned process: ``proc("method", *args)`` runs a stage.
 
-    def __init__(self, factory: Callable[..., Any], **kwargs: Any) -> None:
+    ``buf_bytes`` sizes the receive buffer: the largest message the server is expected to get.
+    """
+
+    def __init__(self, factory: Callable[..., Any], buf_bytes: int, **kwargs: Any) -> None:
         ctx = mp.get_context("spawn")  # fresh interpreter: nothing of the parent's clients is resident
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, factory, kwargs), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, factory, kwargs, buf_bytes), daemon=True)
         self._proc.start()
         child.close()
         self._recv()
@@ -132,14 +150,12 @@ class ServerProcess:
         return payload
 
     def __call__(self, name: str, *args: Any) -> Any:
-        self._conn.send((name, args))
+        self._conn.send_bytes(pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL))
         return self._recv()
 
-    def close(self) -> dict[str, Any]:
-        """Stop the server; returns its stage seconds and peak resident growth."""
-        self._conn.send(("close", ()))
-        stats: dict[str, Any] = self._recv()
-        self._proc.join()
+    def stats(self) -> dict[str, Any]:
+        """Stage seconds so far and the peak resident growth since the baseline."""
+        stats: dict[str, Any] = self("stats")
         return stats
 
     def __enter__(self) -> ServerProcess:
@@ -147,10 +163,11 @@ class ServerProcess:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._conn.close()  # the server sees EOF and returns
+        self._proc.join(30)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
-        self._conn.close()
 
 
 def server_fields(stats: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +186,7 @@ class OursServer:
     def __init__(self, p: protocol.SecAggParams, cfg: quant.QuantConfig) -> None:
         self.p, self.cfg = p, cfg
         self.state: protocol.ServerState | None = None
+        self.result: tuple[np.ndarray, int] | None = None
 
     def init(self) -> None:
         self.state = protocol.server_init(self.p)
@@ -188,9 +206,12 @@ class OursServer:
         self.state, req = protocol.server_request_unmask(self.state)
         return req
 
-    def unmask(self, replies: list[messages.UnmaskShares]) -> tuple[np.ndarray, int]:
+    def unmask(self, replies: list[messages.UnmaskShares]) -> None:
         res = protocol.server_unmask(self.state, replies)
-        return quant.dequantize_sum(res.total, self.cfg, len(res.contributors)), len(res.contributors)
+        self.result = quant.dequantize_sum(res.total, self.cfg, len(res.contributors)), len(res.contributors)
+
+    def take_result(self) -> tuple[np.ndarray, int]:
+        return self.result
 
 
 def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | None) -> dict[str, Any]:
@@ -208,7 +229,7 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
         ctime[u] += time.perf_counter() - t0
         return out
 
-    with ServerProcess(OursServer, p=p, cfg=cfg) as srv:
+    with ServerProcess(OursServer, buf_bytes=4 * d + 2**16, p=p, cfg=cfg) as srv:
         srv("init")
         states, adv = {}, []
         for u in ids:
@@ -243,8 +264,9 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
             states[u], r = client(u, protocol.client_unmask, states[u], protocol.unmask_request_for(req, u))
             up[u] += len(messages.encode(r))
             replies.append(r)
-        got, n_contrib = srv("unmask", replies)
-        stats = srv.close()
+        srv("unmask", replies)
+        stats = srv.stats()
+        got, n_contrib = srv("take_result")
     err = float(np.abs(got - true_sum).max())
     bound = quant.error_bound(cfg, n_contrib)
     if err > bound:
@@ -293,6 +315,7 @@ class FlowerServer:
         self.replies2: list[tuple[int, dict[str, Any]]] = []
         self.acc: list[np.ndarray] | None = None
         self.active: set[int] = set()
+        self.result: np.ndarray | None = None
 
     def _check(self, active: set[int]) -> None:
         for nid in self.ids:
@@ -344,7 +367,10 @@ class FlowerServer:
         return {u: {self.key.ACTIVE_NODE_ID_LIST: list(self.nbrs[u] & self.active),
                     self.key.DEAD_NODE_ID_LIST: list(self.nbrs[u] & dead)} for u in sorted(self.active)}
 
-    def unmask(self, replies3: dict[int, dict[str, Any]]) -> np.ndarray:
+    def take_result(self) -> np.ndarray:
+        return self.result
+
+    def unmask(self, replies3: dict[int, dict[str, Any]]) -> None:
         f, key, active = self.f, self.key, self.active
         collected: dict[int, list[bytes]] = {nid: [] for nid in self.ids}
         for res in replies3.values():
@@ -373,7 +399,7 @@ class FlowerServer:
         for vec in agg:
             vec += offset
             vec *= self.target_range / q_total
-        return agg[0]
+        self.result = agg[0]
 
 
 def run_flower(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | None) -> dict[str, Any]:
@@ -403,8 +429,8 @@ def run_flower(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | N
         ctime[u] += time.perf_counter() - t0
         return out
 
-    with ServerProcess(FlowerServer, ids=ids, k=k, threshold=threshold, target_range=target_range,
-                       mod_range=mod_range) as srv:
+    with ServerProcess(FlowerServer, buf_bytes=8 * d + 2**16, ids=ids, k=k, threshold=threshold,
+                       target_range=target_range, mod_range=mod_range) as srv:
         srv("setup")
         cfg = {Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: k, Key.THRESHOLD: threshold, Key.CLIPPING_RANGE: CLIP,
                Key.TARGET_RANGE: target_range, Key.MOD_RANGE: mod_range, Key.MAX_WEIGHT: max_weight}
@@ -448,8 +474,9 @@ def run_flower(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | N
             res = client(u, fm._unmask, states[u], conf)
             up[u] += wire(res)
             replies3[u] = res
-        mean = srv("unmask", replies3)
-        stats = srv.close()
+        srv("unmask", replies3)
+        stats = srv.stats()
+        mean = srv("take_result")
     n_active = n - len(dropped)
     err = float(np.abs(mean * n_active - true_sum).max())
     timed = [u for u in ids if (sample is None or u in sample)]
@@ -511,11 +538,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("shared.secagg").setLevel(logging.WARNING)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     ns = args.n or ([10, 30] if args.quick else [10, 100, 1000])
     d = args.d or (20_000 if args.quick else 1_000_000)
     out = args.out or Path(__file__).parent / "results" / ("secagg.quick.json" if args.quick else "secagg.json")
     why_not = "--ours-only given" if args.ours_only else flower_available()
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # after the import, which sets it to DEBUG
     if why_not:
         log.warning("Flower (flwr) is not importable (%s): measuring ours only. "
                     "Install the bench extra to compare.", why_not)

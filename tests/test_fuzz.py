@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import chunking, secure, tensors, topics
+from shared import chunking, secagg, secure, sparse, tensors, topics
 from shared import messages as M
 from tests.specs import dense_spec
 from shared.crypto import generate_keys
@@ -35,6 +35,15 @@ SEEDS = [
                         round=0, device_id="dev-a", key=DEV),
     chunking.Manifest(xfer_id="0" * 32, total_size=10, chunk_size=4, count=3, sha256=bytes(32), chunk_sha256=None).encode(),
     chunking.Chunk(xfer_id="0" * 32, seq=0, data=b"abcd").encode(),
+    secure.seal_message(M.MaskedUpdate(round=2, device_id="dev-a", seq=1, num_examples=3, steps=1, train_loss=0.5,
+                                       base_digest="ab" * 32, masked=bytes(16)),
+                        round=2, device_id="dev-a", sender=DEV, recipient=AGG.public),
+    secure.seal_message(M.SecAggMsg(round=2, device_id="dev-a", body=secagg.encode(
+        secagg.AdvertiseKeys(round_id=2, sender=0, c_pk=bytes(32), s_pk=bytes(range(32))))),
+                        round=2, device_id="dev-a", sender=DEV, recipient=AGG.public),
+    secagg.encode(secagg.AdvertiseKeys(round_id=2, sender=0, c_pk=bytes(32), s_pk=bytes(range(32)))),
+    sparse.encode_indices(np.array([1, 5, 9], np.uint32), 16),
+    sparse.topk_encode(np.arange(16, dtype=np.float32), 3, "float16"),
 ]
 
 msgpack_values = st.recursive(
@@ -81,7 +90,8 @@ wire_inputs = st.one_of(st.binary(max_size=300), mutated(), structured(), msgpac
 @FUZZ
 @given(wire_inputs)
 def test_fuzz_message_and_frame_decoders_raise_only_typed_errors(data: bytes) -> None:
-    for decode in (M.decode, chunking.decode_frame, secure.peek):
+    for decode in (M.decode, chunking.decode_frame, secure.peek, secagg.decode, lambda b: sparse.decode_indices(b, 16),
+                   lambda b: sparse.topk_decode(b, 16), lambda b: sparse.unpack_ring(b, 12, 8)):
         try:
             decode(data)
         except ProtocolError:
@@ -120,7 +130,7 @@ def _snapshot(a) -> tuple:
 
 
 @FUZZ
-@given(st.sampled_from(["update", "status", "chunk"]), wire_inputs)
+@given(st.sampled_from(["update", "status", "chunk", "secagg"]), wire_inputs)
 def test_fuzz_aggregator_dispatch_changes_nothing(aggregator, kind: str, data: bytes) -> None:
     before = _snapshot(aggregator)
     aggregator.dispatch(topics.up("dev-a", kind), data, len(data))  # must not raise
@@ -152,11 +162,12 @@ def edge(tmp_path_factory: pytest.TempPathFactory):
 
 
 @FUZZ
-@given(st.sampled_from([topics.down("dev-a", "round"), topics.down("dev-a", "chunk"), topics.bcast("shutdown")]), wire_inputs)
+@given(st.sampled_from([topics.down("dev-a", "round"), topics.down("dev-a", "chunk"), topics.down("dev-a", "secagg"),
+                        topics.bcast("shutdown")]), wire_inputs)
 def test_fuzz_edge_handle_changes_nothing(edge, topic: str, data: bytes) -> None:
-    before = (edge.last_round, edge.seq, copy.copy(edge.examples))
+    before = (edge.last_round, edge.seq, copy.copy(edge.examples), edge.sa_spec, edge.sa_state)
     keep_going = edge.handle(topic, data)  # must not raise; a forged shutdown cannot verify
     assert keep_going is True
-    assert (edge.last_round, edge.seq, edge.examples) == before
+    assert (edge.last_round, edge.seq, edge.examples, edge.sa_spec, edge.sa_state) == before
     for sender, xfer in list(edge.downloads._transfers):  # noqa: SLF001
         edge.downloads.drop(xfer, sender=sender)
