@@ -118,10 +118,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         axes[0].annotate(r["name"], (x, r["final_mean_loss"]), fontsize=6)
         axes[1].scatter(x, r["last5_mean_exact_match"] or 0.0)
         axes[1].annotate(r["name"], (x, r["last5_mean_exact_match"] or 0.0), fontsize=6)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    tenth = results[0]["upload_bytes_per_device"] / 1e4  # 10x fewer bytes than the dense baseline
     axes[0].set(xscale="log", xlabel="upload kB per device (whole run)", ylabel="final mean held-out loss",
                 title="bytes vs held-out loss")
     axes[1].set(xscale="log", xlabel="upload kB per device (whole run)", ylabel="mean exact match, last 5 rounds",
                 title="bytes vs exact match")
+    for ax in axes:
+        ax.axvline(tenth, color="grey", ls="--", lw=0.8)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
