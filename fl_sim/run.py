@@ -60,6 +60,8 @@ class SimSettings:
         require(self.sparse_method in ("topk", "random", "device_topk"), f"sparse_method must be topk, random or device_topk, got {self.sparse_method!r}")
         require(not (self.secagg and self.sparse_method == "device_topk"), "device_topk needs --no-secagg")
         require(not (self.secagg and self.devices < 2), "secure aggregation needs at least 2 devices (or --no-secagg)")
+        require(0 <= self.value_bits <= 31, f"value_bits must be in 0..31 (0 = finest), got {self.value_bits}")
+        require(self.clip > 0, f"clip must be > 0, got {self.clip}")
         require(self.examples_per_family >= 10, "examples_per_family must be >= 10")
         require(self.eval_per_family >= 1, "eval_per_family must be >= 1")
         if self.data is not None:
