@@ -46,8 +46,6 @@ def evaluate(model: Any, tok: Any, examples: list[Example], max_len: int = 128, 
 
 
 def _exact_match(model: Any, tok: Any, exs: list[Example], max_len: int, batch_size: int) -> float | None:
-    import torch
-
     short = [e for e in exs if e.prompt and len(tok(e.output, add_special_tokens=False)["input_ids"]) <= SHORT_ANSWER_TOKENS]
     if not short:
         return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from fl_sim.run import SimSettings, simulate
 from shared.config import from_dict

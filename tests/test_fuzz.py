@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import msgpack
 import numpy as np

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 from aggregator.broker_config import MqttCredentials
 from fl_sim.run import SimSettings, finish, launch
 from shared import messages as M
-from shared import tensors, topics
+from shared import topics
 from shared.crypto import AssociatedData, CryptoError, load_private_keys, load_public_keys, open_sealed
 
 pytestmark = pytest.mark.timeout(400)

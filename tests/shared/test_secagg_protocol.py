@@ -165,6 +165,12 @@ def test_single_masked_vector_looks_uniform(deterministic_keys: None) -> None:
 
 
 def _to_stage2(p: SecAggParams) -> tuple[dict, dict]:
+    _, clients, fwd = _to_stage2_with_server(p)
+    return clients, fwd
+
+
+def _to_stage2_with_server(p: SecAggParams) -> tuple[protocol.ServerState, dict, dict]:
+    """Every client advertised and shared keys; the server relayed the shares."""
     server = server_init(p)
     clients, adv = {}, []
     for u in p.node_ids:
@@ -175,8 +181,8 @@ def _to_stage2(p: SecAggParams) -> tuple[dict, dict]:
     for u in p.node_ids:
         clients[u], m = client_share_keys(clients[u], nk[u])
         sk.append(m)
-    _, fwd = server_collect_shares(server, sk)
-    return clients, fwd
+    server, fwd = server_collect_shares(server, sk)
+    return server, clients, fwd
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "swap_sender", "other_round"])
@@ -220,17 +226,7 @@ def test_client_refuses_to_reveal_both_secrets_of_a_node() -> None:
 def test_server_memory_is_streaming() -> None:
     n, dim = 24, 200_000
     p = params(n, protocol.default_threshold(n), dim)
-    server = server_init(p)
-    clients2, adv = {}, []
-    for u in p.node_ids:
-        clients2[u], m = client_advertise(p, u)
-        adv.append(m)
-    server, nk = server_collect_keys(server, adv)
-    sk = []
-    for u in p.node_ids:
-        clients2[u], m = client_share_keys(clients2[u], nk[u])
-        sk.append(m)
-    server, fwd = server_collect_shares(server, sk)
+    server, clients2, fwd = _to_stage2_with_server(p)
     x = np.ones(dim, dtype=np.uint32)
     dropped = set(p.node_ids[:2])
     peak = 0
