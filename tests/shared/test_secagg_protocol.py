@@ -169,8 +169,8 @@ def _to_stage2(p: SecAggParams) -> tuple[dict, dict]:
     return clients, fwd
 
 
-def _to_stage2_with_server(p: SecAggParams) -> tuple[protocol.ServerState, dict, dict]:
-    """Every client advertised and shared keys; the server relayed the shares."""
+def _shared_keys(p: SecAggParams) -> tuple[protocol.ServerState, dict, list]:
+    """Every client advertised and produced its ShareKeys; the server has not relayed them yet."""
     server = server_init(p)
     clients, adv = {}, []
     for u in p.node_ids:
@@ -181,6 +181,12 @@ def _to_stage2_with_server(p: SecAggParams) -> tuple[protocol.ServerState, dict,
     for u in p.node_ids:
         clients[u], m = client_share_keys(clients[u], nk[u])
         sk.append(m)
+    return server, clients, sk
+
+
+def _to_stage2_with_server(p: SecAggParams) -> tuple[protocol.ServerState, dict, dict]:
+    """Every client advertised and shared keys; the server relayed the shares."""
+    server, clients, sk = _shared_keys(p)
     server, fwd = server_collect_shares(server, sk)
     return server, clients, fwd
 
@@ -297,16 +303,7 @@ def test_small_cohorts_get_the_complete_graph(n: int) -> None:
 
 def test_server_drops_a_client_that_shares_with_the_wrong_nodes() -> None:
     p = params(5, 3, 8)
-    server = server_init(p)
-    clients, adv = {}, []
-    for u in p.node_ids:
-        clients[u], m = client_advertise(p, u)
-        adv.append(m)
-    server, nk = server_collect_keys(server, adv)
-    sk = []
-    for u in p.node_ids:
-        clients[u], m = client_share_keys(clients[u], nk[u])
-        sk.append(m)
+    server, clients, sk = _shared_keys(p)
     bad = sk[0]
     sk[0] = dataclasses.replace(bad, sealed=bad.sealed[1:])  # withholds one neighbour's shares
     server, fwd = server_collect_shares(server, sk)
