@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aggregator.modes import REGISTRY as MODES
 from shared.config import load_file, require
 from shared.topics import check_device_id
 
@@ -22,6 +23,38 @@ class LoraSettings:
         require(bool(self.target_modules), "lora.target_modules must not be empty")
 
 
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(frozen=True)
+class DistilSettings:
+    """Mutual distillation on the aggregator's public set (``mode = "fedkd"``)."""
+
+    loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd (TRL's generalized JSD, with beta)
+    beta: float = 0.5  # jsd only
+    temperature: float = 1.0
+    top_k: int = 32  # teacher distribution truncated to its top k, the rest one bucket; 0 = full vocabulary
+    # FedMKT's kd_alpha: weight of the LM loss on the public references (the KD term gets 1 - kd_alpha).
+    # FedMKT uses 0.9; our public set is small and exact-answer, so the KD term carries more.
+    kd_alpha: float = 0.5
+    selective: bool = True  # DualMinCE: per sample, learn only from the side with the lower cross-entropy
+    batch_size: int = 16
+    student_steps: int = 40  # teacher -> student steps per round
+    student_lr: float = 3e-3
+    teacher_steps: int = 40  # student -> teacher steps per round
+    teacher_lr: float = 2e-3
+
+    def __post_init__(self) -> None:
+        require(self.loss in KD_LOSSES, f"distil.loss must be one of {KD_LOSSES}, got {self.loss!r}")
+        require(self.loss != "jsd" or 0.0 < self.beta < 1.0, f"distil.beta must be in (0, 1) for jsd, got {self.beta}")
+        require(self.temperature > 0, f"distil.temperature must be > 0, got {self.temperature}")
+        require(self.top_k >= 0, f"distil.top_k must be >= 0 (0 = full vocabulary), got {self.top_k}")
+        require(0.0 <= self.kd_alpha <= 1.0, f"distil.kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        require(self.batch_size >= 1, f"distil.batch_size must be >= 1, got {self.batch_size}")
+        require(self.student_steps >= 0 and self.teacher_steps >= 0, "distil.student_steps and teacher_steps must be >= 0")
+        require(self.student_lr > 0 and self.teacher_lr > 0, "distil.student_lr and teacher_lr must be > 0")
+
+
 @dataclass(frozen=True)
 class AggregatorConfig:
     broker: str  # mqtt://HOST:PORT or mqtts://HOST:PORT
@@ -38,6 +71,20 @@ class AggregatorConfig:
     local_steps: int = 20
     learning_rate: float = 3e-3
     server_lr: float = 1.0  # FedAvg: global += server_lr * weighted mean delta
+    # Server optimizer on the round's mean update (all secure aggregation reveals): fedavg,
+    # fedavgm (server momentum) or fedadam (Reddi et al. 2021; try server_lr ~ 1e-2 with it).
+    server_optimizer: str = "fedavg"
+    server_momentum: float = 0.9  # fedavgm's momentum, fedadam's beta1
+    server_beta2: float = 0.99  # fedadam
+    server_tau: float = 1e-3  # fedadam: adaptivity floor
+    # What the aggregator does besides FedAvg: fedit (nothing: LoRA FedAvg, the baseline) or fedkd
+    # (the default: teacher -> student and student -> teacher distillation on public data every round).
+    mode: str = "fedkd"
+    teacher: str | None = None  # the teacher's base, by id or path (from_pretrained); fedkd needs it
+    teacher_lora: LoraSettings = field(default_factory=LoraSettings)
+    public_data: str | None = None  # the aggregator's public examples (JSONL/text file or directory)
+    public_eval_data: str | None = None  # held-out public examples, scored like eval_data
+    distil: DistilSettings = field(default_factory=DistilSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     eval_max_per_family: int = 50
@@ -115,6 +162,15 @@ class AggregatorConfig:
         require(self.secagg_threshold == 0 or self.secagg_threshold >= 2, "secagg_threshold must be 0 (auto) or >= 2")
         require(self.key_timeout_s > 0, "key_timeout_s must be > 0")
         require(self.protocol in ("auto", "5", "3.1.1"), f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
+        require(self.server_optimizer in ("fedavg", "fedavgm", "fedadam"),
+                f"server_optimizer must be fedavg, fedavgm or fedadam, got {self.server_optimizer!r}")
+        require(0.0 <= self.server_momentum < 1.0 and 0.0 <= self.server_beta2 < 1.0 and self.server_tau > 0,
+                "server_momentum and server_beta2 must be in [0, 1), server_tau > 0")
+        require(self.mode in MODES, f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        if self.mode == "fedkd":
+            require(self.teacher is not None and self.public_data is not None,
+                    "mode = fedkd needs teacher (a model id or path) and public_data (the aggregator's public "
+                    "examples); set mode = \"fedit\" for LoRA FedAvg alone")
 
 
 def load(path: str) -> AggregatorConfig:

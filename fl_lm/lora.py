@@ -9,10 +9,17 @@ import numpy as np
 from shared.messages import LoraSpec
 
 
+def save(peft_model: Any, directory: Any) -> None:
+    """PEFT's standard adapter files, without the frozen base embedding (see ``get_adapter``)."""
+    peft_model.save_pretrained(directory, save_embedding_layers=False)
+
+
 def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
     """Wrap ``model`` in a PEFT LoRA model of shape ``spec`` (B starts at zero, A seeded)."""
     import torch
     from peft import LoraConfig, get_peft_model
+
+    import warnings
 
     torch.manual_seed(seed)
     cfg = LoraConfig(
@@ -22,14 +29,20 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
         target_modules=list(spec.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        # LoRA on tied input embeddings adapts the inputs only; the (tied) LM head keeps the base
+        # weights. That is what we train and aggregate; a merge for export must untie first.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        return get_peft_model(model, cfg)
 
 
 def get_adapter(peft_model: Any) -> dict[str, np.ndarray]:
     """The adapter's trainable weights under PEFT's standard state-dict names, as float32 copies."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(peft_model)
+    # Only the LoRA factors: with LoRA on the embeddings PEFT would also save the frozen base
+    # embedding matrix ("auto"), which would then travel in every update for nothing.
+    sd = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     return {k: v.detach().cpu().float().numpy().copy() for k, v in sd.items()}
 
 

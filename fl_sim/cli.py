@@ -22,6 +22,17 @@ def parse(argv: list[str] | None) -> SimSettings:
                     help="without --broker: embedded amqtt (no TLS) or a Mosquitto started with TLS, passwords and ACLs")
     ap.add_argument("--insecure", action="store_true", help="turn OFF end-to-end encryption and signatures (debug only)")
     ap.add_argument("--data", default=None, help="your JSONL/text: a directory with one file per device, or one file split across devices")
+    ap.add_argument("--mode", choices=("fedkd", "fedit"), default=d.mode,
+                    help="fedkd (default): FedAvg, then teacher<->student distillation on the aggregator's public set; fedit: FedAvg only")
+    ap.add_argument("--teacher", default=None, help="teacher id or path; default: the offline teacher built with the student")
+    ap.add_argument("--teacher-tokenizer", choices=("same", "metaspace"), default=d.teacher_tokenizer,
+                    help="offline teacher: the student's tokenizer, or a different one (aligned with MinED + DTW)")
+    ap.add_argument("--teacher-pretrain-steps", type=int, default=None)
+    ap.add_argument("--distil-steps", type=int, default=d.distil_steps, help="distillation steps per round and direction (fedkd)")
+    ap.add_argument("--kd-loss", choices=("forward_kl", "reverse_kl", "jsd"), default=d.kd_loss)
+    ap.add_argument("--lora-r", type=int, default=d.lora_r)
+    ap.add_argument("--server-optimizer", choices=("fedavg", "fedavgm", "fedadam"), default=d.server_optimizer)
+    ap.add_argument("--server-lr", type=float, default=d.server_lr)
     ap.add_argument("--local-steps", type=int, default=d.local_steps)
     ap.add_argument("--learning-rate", type=float, default=d.learning_rate)
     ap.add_argument("--quorum", type=int, default=None, help="fewest updates for a round to count (default: most of the devices)")

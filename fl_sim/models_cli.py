@@ -1,4 +1,9 @@
-"""``fl-models``: build the offline teacher, student and tokenizer (no model hub needed)."""
+"""``fl-models``: build the offline teacher, student and tokenizer (no model hub needed).
+
+Everything is built from the public set only (the generated public families and the public
+slice of the private ones, or the public part of a user's data): the devices' shards never
+reach the tokenizer or the bases, as they could not in a real deployment.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,25 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from fl_lm.build import build_offline_models
-from fl_sim import tasks
-from fl_sim.prepare import public_examples
+from fl_sim.prepare import PUBLIC_PER_FAMILY, public_examples
+from shared.datasets import Example
 
-PRETRAIN_STEPS = 300  # enough for the 0.4M-param student to learn the prompt format (~10 s)
-
-
-def default_corpus(seed: int, per_family: int = 200) -> list[str]:
-    fams = list(tasks.PRIVATE_FAMILIES) + list(tasks.PUBLIC_FAMILIES)
-    return [e.prompt + e.output for f in fams for e in tasks.generate(f, per_family, seed + 17)]
+# Enough for the student to learn the prompt format and every public token (~30 s on 2 cores);
+# the teacher gets longer, so it knows the public families better than the student base does.
+PRETRAIN_STEPS = 800
+TEACHER_PRETRAIN_STEPS = 1500
 
 
-def build_default(out: Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS, extra_corpus: list[str] | None = None) -> dict[str, str]:
-    corpus = default_corpus(seed) + list(extra_corpus or [])
-    return build_offline_models(out, corpus, public_examples(300, seed), pretrain_steps=pretrain_steps, seed=seed)
+def build_default(out: Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS, public: Sequence[Example] | None = None,
+                  teacher_pretrain_steps: int | None = None, teacher_tokenizer: str = "same") -> dict[str, str]:
+    pub = list(public) if public is not None else public_examples(PUBLIC_PER_FAMILY, seed)
+    t_steps = teacher_pretrain_steps if teacher_pretrain_steps is not None else (TEACHER_PRETRAIN_STEPS if pretrain_steps else 0)
+    return build_offline_models(out, [e.prompt + e.output for e in pub], pub, pretrain_steps=pretrain_steps, seed=seed,
+                                teacher_pretrain_steps=t_steps, teacher_tokenizer=teacher_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory for tokenizer/, student/, teacher/")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
+    ap.add_argument("--teacher-pretrain-steps", type=int, default=TEACHER_PRETRAIN_STEPS)
+    ap.add_argument("--teacher-tokenizer", choices=("same", "metaspace"), default="same")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    paths = build_default(Path(args.out), args.seed, args.pretrain_steps)
+    paths = build_default(Path(args.out), args.seed, args.pretrain_steps, teacher_pretrain_steps=args.teacher_pretrain_steps,
+                          teacher_tokenizer=args.teacher_tokenizer)
     sys.stdout.write(json.dumps(paths, indent=2) + "\n")
     return 0
 

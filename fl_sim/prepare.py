@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +14,22 @@ from shared.datasets import Example, load_file, write_jsonl
 log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1  # of a user's file, kept for evaluation and never trained on
+PUBLIC_FRACTION = 0.1  # of a user's file, held by the aggregator only: its public set
+PUBLIC_PER_FAMILY = 300  # generated public-family examples the aggregator holds
+PUBLIC_SLICE = 20  # generated examples per private family that no device holds, in the public set
 
 
 @dataclass(frozen=True)
 class SimData:
-    shards: list[list[Example]]  # one per device
-    heldout: dict[str, list[Example]]  # family -> examples
-    corpus: list[str]  # text the tokenizer is trained on
+    shards: list[list[Example]]  # one per device: private
+    heldout: dict[str, list[Example]]  # family -> held-out examples of the devices' families
+    public: list[Example]  # the aggregator's public set (distillation, base pretraining)
+    public_heldout: dict[str, list[Example]]  # family -> held-out examples of the public families
+
+    @property
+    def corpus(self) -> list[str]:
+        """Text the offline tokenizer and bases are built from: public data only, never a shard."""
+        return [e.prompt + e.output for e in self.public]
 
 
 def generated(n_devices: int, per_family: int, eval_per_family: int, split: str, alpha: float, seed: int) -> SimData:
@@ -28,8 +38,10 @@ def generated(n_devices: int, per_family: int, eval_per_family: int, split: str,
         shards = partition.split_by_family(train, n_devices)
     else:
         shards = partition.split_dirichlet(train, n_devices, alpha, seed)
-    held = {f: tasks.heldout(f, eval_per_family, seed, train) for f in tasks.PRIVATE_FAMILIES}
-    return SimData(shards, held, [e.prompt + e.output for e in train])
+    public = public_examples(PUBLIC_PER_FAMILY, seed, exclude=train)
+    held = {f: tasks.heldout(f, eval_per_family, seed, train + public) for f in tasks.PRIVATE_FAMILIES}
+    pub_held = {f: tasks.heldout(f, eval_per_family, seed, public) for f in tasks.PUBLIC_FAMILIES}
+    return SimData(shards, held, public, pub_held)
 
 
 def user_data(path: Path, n_devices: int, seed: int) -> SimData:
@@ -45,26 +57,44 @@ def user_data(path: Path, n_devices: int, seed: int) -> SimData:
         per_file = [[Example(e.instruction, e.input, e.output, path.stem) for e in exs]]
     shards: list[list[Example]] = []
     held: dict[str, list[Example]] = {}
+    public: list[Example] = []
     for exs in per_file:
         k = max(1, int(len(exs) * HELDOUT_FRACTION))
-        if len(exs) - k < 1:
-            raise ValueError(f"{exs[0].family}: {len(exs)} examples is too few to hold out {k} for evaluation")
+        p = max(1, int(len(exs) * PUBLIC_FRACTION))
+        if len(exs) - k - p < 1:
+            raise ValueError(f"{exs[0].family}: {len(exs)} examples is too few to hold out {k} for evaluation "
+                             f"and {p} for the aggregator's public set")
         held.setdefault(exs[0].family, []).extend(exs[-k:])
-        shards.append(exs[:-k])
+        public.extend(exs[-k - p : -k])
+        shards.append(exs[: -k - p])
     if len(shards) == 1 and n_devices > 1:
         shards = partition.split_even(shards[0], n_devices, seed)
     if any(not s for s in shards):
         raise ValueError(f"not enough examples to give each of {n_devices} devices at least one")
-    corpus = [e.prompt + e.output for s in shards for e in s]
-    return SimData(shards, held, corpus)
+    return SimData(shards, held, public, {})
 
 
-def public_examples(n: int, seed: int) -> list[Example]:
-    """Public (non-private) prompts: they teach the offline base the format."""
-    return [e for f in tasks.PUBLIC_FAMILIES for e in tasks.generate(f, n, seed + 1)]
+def public_examples(n: int, seed: int, exclude: Sequence[Example] = (), slice_per_family: int = PUBLIC_SLICE) -> list[Example]:
+    """The aggregator's public set: ``n`` examples of each public family, plus a small slice of
+    each private family that no device holds (its questions are not in ``exclude``)."""
+    out = [e for f in tasks.PUBLIC_FAMILIES for e in tasks.generate(f, n, seed + 1)]
+    seen = {(e.instruction, e.input) for e in exclude}
+    for f in tasks.PRIVATE_FAMILIES:
+        cands = tasks.generate(f, 20 * slice_per_family, seed + 2)
+        picked = [e for e in cands if f == "facts" or (e.instruction, e.input) not in seen][:slice_per_family]
+        out.extend(picked)
+    return out
 
 
-def write_data(out: Path, data: SimData) -> tuple[list[Path], Path]:
+@dataclass(frozen=True)
+class DataPaths:
+    shards: list[Path]  # data/device-I.jsonl: each device reads only its own
+    eval_dir: Path  # data/eval/FAMILY.jsonl: held-out private families (the simulation's, for scoring)
+    public: Path  # data/public/public.jsonl: the aggregator's public set
+    public_eval_dir: Path | None  # data/public_eval/FAMILY.jsonl: held-out public families
+
+
+def write_data(out: Path, data: SimData) -> DataPaths:
     shard_paths = []
     for i, shard in enumerate(data.shards):
         p = out / "data" / f"device-{i}.jsonl"
@@ -73,7 +103,14 @@ def write_data(out: Path, data: SimData) -> tuple[list[Path], Path]:
     eval_dir = out / "data" / "eval"
     for fam, exs in data.heldout.items():
         write_jsonl(eval_dir / f"{fam}.jsonl", exs)
-    return shard_paths, eval_dir
+    pub = out / "data" / "public" / "public.jsonl"
+    write_jsonl(pub, data.public)
+    pub_eval = None
+    if data.public_heldout:
+        pub_eval = out / "data" / "public_eval"
+        for fam, exs in data.public_heldout.items():
+            write_jsonl(pub_eval / f"{fam}.jsonl", exs)
+    return DataPaths(shard_paths, eval_dir, pub, pub_eval)
 
 
 def write_json(path: Path, obj: dict) -> Path:

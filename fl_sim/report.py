@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from aggregator.record import RoundRecord, read
 
 
 def _fmt(x: float | None, nd: int = 3) -> str:
@@ -16,40 +13,63 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 
 
 def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
-    rows = read_metrics(out_dir / "metrics.jsonl")
-    fams = sorted(rows[0]["eval"]) if rows else []
+    rows = read(out_dir / "metrics.jsonl")
+    fams = sorted(rows[0].eval) if rows else []
     first, last = rows[0], rows[-1]
     lines = ["# FL-MiniLLM simulation report", ""]
     lines += ["## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
-    fell = last["mean_loss"] < first["mean_loss"]
+    fell = last.mean_loss < first.mean_loss
     lines += ["", "## Result", "",
-              f"Mean held-out loss of the global student: **{first['mean_loss']:.4f}** before the first round, "
-              f"**{last['mean_loss']:.4f}** after round {last['round']} "
-              f"({'lower' if fell else 'NOT lower'}, {100 * (last['mean_loss'] - first['mean_loss']) / first['mean_loss']:+.1f}%).",
-              f"Mean exact match: {_fmt(first['mean_exact_match'])} -> {_fmt(last['mean_exact_match'])}.", ""]
+              f"Mode **{last.mode}**. Mean held-out loss of the global student on the devices' families: "
+              f"**{first.mean_loss:.4f}** before the first round, **{last.mean_loss:.4f}** after round {last.round} "
+              f"({'lower' if fell else 'NOT lower'}, {100 * (last.mean_loss - first.mean_loss) / first.mean_loss:+.1f}%).",
+              f"Mean exact match: {_fmt(first.mean_exact_match)} -> {_fmt(last.mean_exact_match)}."]
+    if last.student.public is not None and first.student.public is not None:
+        lines.append(f"On the public families: loss {first.student.public.mean_loss:.4f} -> {last.student.public.mean_loss:.4f}, "
+                     f"exact match {_fmt(first.student.public.mean_exact_match)} -> {_fmt(last.student.public.mean_exact_match)}.")
+    if last.teacher is not None and first.teacher is not None:
+        t0, t1 = first.teacher, last.teacher
+        lines.append(f"Teacher: devices' families loss {t0.private.mean_loss:.4f} -> {t1.private.mean_loss:.4f}, exact match "
+                     f"{_fmt(t0.private.mean_exact_match)} -> {_fmt(t1.private.mean_exact_match)}"
+                     + (f"; public families loss {t0.public.mean_loss:.4f} -> {t1.public.mean_loss:.4f}"
+                        if t0.public and t1.public else "") + ".")
+    distil_s = [r.distil["seconds"] for r in rows if r.distil]
+    if distil_s:
+        lines.append(f"Distillation on the aggregator took {sum(distil_s):.1f} s in all ({sum(distil_s) / len(distil_s):.1f} s a round).")
+    lines += [""]
     lines += ["## Rounds", "", "| round | status | updates | mean loss | mean exact match | " + " | ".join(f"{f} loss / EM" for f in fams) + " |",
               "|---|---|---|---|---|" + "---|" * len(fams)]
     for r in rows:
-        per = " | ".join(f"{r['eval'][f]['loss']:.3f} / {_fmt(r['eval'][f]['exact_match'], 2)}" for f in fams)
-        lines.append(f"| {r['round']} | {r['status']} | {len(r['received'])}/{len(r['participants'])} | {r['mean_loss']:.4f} | "
-                     f"{_fmt(r['mean_exact_match'])} | {per} |")
-    devices = sorted({d for r in rows for d in list(r["bytes_up"]) + list(r["bytes_down"])})
+        per = " | ".join(f"{r.eval[f]['loss']:.3f} / {_fmt(r.eval[f]['exact_match'], 2)}" for f in fams)
+        lines.append(f"| {r.round} | {r.status} | {len(r.received)}/{len(r.participants)} | {r.mean_loss:.4f} | "
+                     f"{_fmt(r.mean_exact_match)} | {per} |")
+    if any(r.teacher or r.student.public for r in rows):
+        lines += ["", "## Student and teacher per round", "",
+                  "Mean held-out loss / exact match; *private* are the devices' families, *public* the aggregator's.", "",
+                  "| round | student private | student public | teacher private | teacher public | distil s |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            def cell(e: Any) -> str:
+                return "" if e is None else f"{e.mean_loss:.3f} / {_fmt(e.mean_exact_match, 2)}"
+            lines.append(f"| {r.round} | {cell(r.student.private)} | {cell(r.student.public)} | "
+                         f"{cell(r.teacher.private if r.teacher else None)} | {cell(r.teacher.public if r.teacher else None)} | "
+                         f"{_fmt(r.distil['seconds'], 1) if r.distil else ''} |")
+    devices = sorted({d for r in rows for d in list(r.bytes_up) + list(r.bytes_down)})
     lines += ["", "## Bytes on the wire per device", "",
               "MQTT PUBLISH packets as sent or received (fixed header, topic, packet id, payload); TCP/TLS framing and acks "
               "not counted. Up: updates, secure-aggregation key exchange and status messages the device sent during rounds; "
               "down: round announcements (each carries the global adapter) and secure-aggregation relays.", "",
-              "| device | " + " | ".join(f"r{r['round']} up / down" for r in rows if r["round"] > 0) + " | total up | total down |",
-              "|---|" + "---|" * (sum(1 for r in rows if r["round"] > 0) + 2)]
+              "| device | " + " | ".join(f"r{r.round} up / down" for r in rows if r.round > 0) + " | total up | total down |",
+              "|---|" + "---|" * (sum(1 for r in rows if r.round > 0) + 2)]
     for d in devices:
-        cells = [f"{r['bytes_up'].get(d, 0):,} / {r['bytes_down'].get(d, 0):,}" for r in rows if r["round"] > 0]
-        up = sum(r["bytes_up"].get(d, 0) for r in rows)
-        dn = sum(r["bytes_down"].get(d, 0) for r in rows)
+        cells = [f"{r.bytes_up.get(d, 0):,} / {r.bytes_down.get(d, 0):,}" for r in rows if r.round > 0]
+        up = sum(r.bytes_up.get(d, 0) for r in rows)
+        dn = sum(r.bytes_down.get(d, 0) for r in rows)
         lines.append(f"| {d} | " + " | ".join(cells) + f" | {up:,} | {dn:,} |")
     kinds: dict[str, int] = {}
     for r in rows:
-        for per in r.get("bytes_by_kind", {}).values():
-            for k, n in per.items():
+        for per_kind in r.bytes_by_kind.values():
+            for k, n in per_kind.items():
                 kinds[k] = kinds.get(k, 0) + n
     if kinds:
         lines += ["", "Totals over all devices and rounds by message kind (`up_secagg` and `down_secagg` are the "
@@ -62,31 +82,41 @@ def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
     return path
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[RoundRecord], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in rows]
-    fams = sorted(rows[0]["eval"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    rounds = [r.round for r in rows]
+    fams = sorted(rows[0].eval)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for f in fams:
-        axes[0].plot(rounds, [r["eval"][f]["loss"] for r in rows], marker=".", alpha=0.6, label=f)
-    axes[0].plot(rounds, [r["mean_loss"] for r in rows], "k-o", lw=2, label="mean")
-    axes[0].set(title="held-out loss (global student)", xlabel="round", ylabel="loss per response token")
+        axes[0].plot(rounds, [r.eval[f]["loss"] for r in rows], marker=".", alpha=0.6, label=f)
+    axes[0].plot(rounds, [r.mean_loss for r in rows], "k-o", lw=2, label="mean")
+    axes[0].set(title="student held-out loss, devices' families", xlabel="round", ylabel="loss per response token")
     axes[0].legend(fontsize=7)
-    em = [r["mean_exact_match"] for r in rows]
-    if any(x is not None for x in em):
-        axes[1].plot(rounds, [x if x is not None else float("nan") for x in em], "k-o")
-    axes[1].set(title="mean held-out exact match", xlabel="round", ylim=(0, 1))
-    devices = sorted({d for r in rows for d in r["bytes_up"]})
+
+    def curve(ax: Any, get: Any, label: str, style: str) -> None:
+        ys = [get(r) for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(rounds, [float("nan") if y is None else y for y in ys], style, label=label)
+
+    for ax, attr, title in ((axes[1], "mean_loss", "mean held-out loss"), (axes[2], "mean_exact_match", "mean held-out exact match")):
+        curve(ax, lambda r, a=attr: getattr(r.student.private, a), "student, private", "k-o")
+        curve(ax, lambda r, a=attr: getattr(r.student.public, a) if r.student.public else None, "student, public", "k--s")
+        curve(ax, lambda r, a=attr: getattr(r.teacher.private, a) if r.teacher else None, "teacher, private", "r-o")
+        curve(ax, lambda r, a=attr: getattr(r.teacher.public, a) if r.teacher and r.teacher.public else None, "teacher, public", "r--s")
+        ax.set(title=f"{title}: student and teacher", xlabel="round")
+        ax.legend(fontsize=7)
+    axes[2].set_ylim(0, 1)
+    devices = sorted({d for r in rows for d in r.bytes_up})
     for d in devices:
-        axes[2].plot(rounds[1:], [r["bytes_up"].get(d, 0) / 1e3 for r in rows[1:]], marker="o", label=f"{d} up")
-    axes[2].set(title="bytes sent per device per round", xlabel="round", ylabel="kB")
-    axes[2].set_ylim(bottom=0)
+        axes[3].plot(rounds[1:], [r.bytes_up.get(d, 0) / 1e3 for r in rows[1:]], marker="o", label=f"{d} up")
+    axes[3].set(title="bytes sent per device per round", xlabel="round", ylabel="kB")
+    axes[3].set_ylim(bottom=0)
     if devices:
-        axes[2].legend(fontsize=7)
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

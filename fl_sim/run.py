@@ -13,11 +13,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aggregator.record import RoundRecord
 from fl_sim import prepare
 from fl_sim.report import write_report
 from shared.config import require
 
 log = logging.getLogger(__name__)
+
+# All linear layers and the input embeddings: on the tiny offline student, LoRA without the
+# embeddings learns the private families far slower (benchmarks/README.md, "choosing the set-up").
+SIM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,16 @@ class SimSettings:
     insecure: bool = False  # turn off end-to-end encryption and signatures (debug only)
     data: str | None = None  # None: the generated task families
     local_steps: int = 40
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3  # higher rates make LoRA on the tiny student unstable (benchmarks/README.md)
+    mode: str = "fedkd"  # fedkd (FedAvg + mutual distillation with the teacher) or fedit (FedAvg only)
+    teacher: str | None = None  # teacher id or path; default: the offline teacher built with the student
+    teacher_tokenizer: str = "same"  # offline teacher: the student's tokenizer, or its own (metaspace)
+    teacher_pretrain_steps: int | None = None  # offline teacher; None: fl_sim.models_cli's default
+    distil_steps: int = 40  # per round and direction (fedkd)
+    kd_loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
+    lora_r: int = 16
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
     quorum: int | None = None  # None: ceil(0.6 * devices)
     round_timeout_s: float = 300.0
     split: str = "dirichlet"
@@ -38,7 +52,7 @@ class SimSettings:
     examples_per_family: int = 200
     eval_per_family: int = 30
     student: str | None = None
-    pretrain_steps: int = 300
+    pretrain_steps: int = 800
     seed: int = 0
     keep_received: bool = False
     secagg: bool = True  # secure aggregation: the aggregator learns only the sum
@@ -64,6 +78,13 @@ class SimSettings:
         require(self.clip > 0, f"clip must be > 0, got {self.clip}")
         require(self.examples_per_family >= 10, "examples_per_family must be >= 10")
         require(self.eval_per_family >= 1, "eval_per_family must be >= 1")
+        from aggregator.modes import REGISTRY
+
+        require(self.mode in REGISTRY, f"mode must be one of {sorted(REGISTRY)}, got {self.mode!r}")
+        require(self.teacher_tokenizer in ("same", "metaspace"), f"teacher_tokenizer must be same or metaspace, got {self.teacher_tokenizer!r}")
+        require(self.distil_steps >= 0, f"distil_steps must be >= 0, got {self.distil_steps}")
+        require(self.kd_loss in ("forward_kl", "reverse_kl", "jsd"), f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")
+        require(1 <= self.lora_r <= 64, f"lora_r must be in 1..64, got {self.lora_r}")
         if self.data is not None:
             require(Path(self.data).exists(), f"--data {self.data}: no such file or directory")
 
@@ -172,6 +193,7 @@ class Launched:
     aggregator: subprocess.Popen
     broker: str
     student: str
+    teacher: str | None
     device_ids: list[str]
     t0: float
 
@@ -187,14 +209,19 @@ def launch(s: SimSettings) -> Launched:
         data = prepare.user_data(Path(s.data), s.devices, s.seed)
     else:
         data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
-    shard_paths, eval_dir = prepare.write_data(out, data)
-    log.info("data: %s examples on %d devices, %d held-out families", [len(x) for x in data.shards], s.devices, len(data.heldout))
-    student = s.student
-    if student is None:
+    paths = prepare.write_data(out, data)
+    shard_paths, eval_dir = paths.shards, paths.eval_dir
+    log.info("data: %s examples on %d devices, %d held-out families, %d public examples on the aggregator",
+             [len(x) for x in data.shards], s.devices, len(data.heldout), len(data.public))
+    student, teacher = s.student, s.teacher
+    if student is None or (teacher is None and s.mode != "fedit"):
         from fl_sim.models_cli import build_default
 
-        log.info("building offline models (tokenizer, student, teacher) ...")
-        student = build_default(out / "models", s.seed, s.pretrain_steps, extra_corpus=data.corpus if s.data else None)["student"]
+        log.info("building offline models (tokenizer, student, teacher) from the public set only ...")
+        built = build_default(out / "models", s.seed, s.pretrain_steps, public=data.public,
+                              teacher_pretrain_steps=s.teacher_pretrain_steps, teacher_tokenizer=s.teacher_tokenizer)
+        student = student or built["student"]
+        teacher = teacher or built["teacher"]
     device_ids = [f"device-{i}" for i in range(s.devices)]
     fleet = Fleet(out)
     logins: dict[str, dict] = {}
@@ -226,6 +253,13 @@ def launch(s: SimSettings) -> Launched:
             "local_steps": s.local_steps, "learning_rate": s.learning_rate, "seed": s.seed, "protocol": protocol,
             "torch_threads": 1, "eval_max_per_family": max(s.eval_per_family, 1), "keep_received": s.keep_received,
             "secagg": s.secagg, "density": s.density, "sparse_method": s.sparse_method, "value_bits": s.value_bits, "clip": s.clip,
+            "lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
+            "server_optimizer": s.server_optimizer, "server_lr": s.server_lr,
+            "mode": s.mode, "public_data": str(paths.public),
+            **({"public_eval_data": str(paths.public_eval_dir)} if paths.public_eval_dir else {}),
+            **({"teacher": teacher, "teacher_lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
+                "distil": {"loss": s.kd_loss, "student_steps": s.distil_steps, "teacher_steps": s.distil_steps}}
+               if s.mode != "fedit" else {}),
             **security["aggregator"], **logins.get("aggregator", {}),
         })
         agg = fleet.start("aggregator", ["-m", "aggregator.cli", "run", "--config", str(agg_cfg)])
@@ -241,7 +275,7 @@ def launch(s: SimSettings) -> Launched:
         fleet.stop_all(grace=0)
         raise
     log.info("started aggregator and %d devices; logs in %s", s.devices, fleet.logs)
-    return Launched(s, out, fleet, agg, broker, student, device_ids, t0)
+    return Launched(s, out, fleet, agg, broker, student, teacher if s.mode != "fedit" else None, device_ids, t0)
 
 
 def finish(run: Launched) -> Path:
@@ -254,6 +288,7 @@ def finish(run: Launched) -> Path:
     finally:
         run.fleet.stop_all()
     settings = {**{k: v for k, v in asdict(s).items() if v is not None}, "student": run.student, "quorum": s.effective_quorum,
+                **({"teacher": run.teacher} if run.teacher else {}),
                 "broker": run.broker, "wall_time_s": round(time.monotonic() - run.t0, 1)}
     (run.out / "settings.json").write_text(json.dumps(settings, indent=2))
     return write_report(run.out, settings)
@@ -261,6 +296,21 @@ def finish(run: Launched) -> Path:
 
 def simulate(s: SimSettings) -> Path:
     return finish(launch(s))
+
+
+def _progress(r: RoundRecord, rounds: int) -> str:
+    def em(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    line = (f"round {r.round}/{rounds} {r.status:<9} updates {len(r.received)}/{len(r.participants)}  "
+            f"student loss {r.mean_loss:.4f} exact match {em(r.mean_exact_match)}")
+    if r.student.public is not None:
+        line += f" (public families {r.student.public.mean_loss:.4f} / {em(r.student.public.mean_exact_match)})"
+    if r.teacher is not None:
+        line += f"  teacher {r.teacher.private.mean_loss:.4f} / {em(r.teacher.private.mean_exact_match)}"
+    if r.distil:
+        line += f"  distil {r.distil['seconds']:.1f}s"
+    return line
 
 
 def _follow(metrics: Path, agg: subprocess.Popen, rounds: int) -> None:
@@ -271,10 +321,8 @@ def _follow(metrics: Path, agg: subprocess.Popen, rounds: int) -> None:
         if metrics.exists():
             lines = metrics.read_text().splitlines()
             for line in lines[seen:]:
-                r = json.loads(line)
-                em = r.get("mean_exact_match")
-                log.info("round %d/%d %-9s updates %d/%d  mean held-out loss %.4f  exact match %s", r["round"], rounds,
-                         r["status"], len(r["received"]), len(r["participants"]), r["mean_loss"], "n/a" if em is None else f"{em:.3f}")
+                if line.strip():
+                    log.info("%s", _progress(RoundRecord.from_json(json.loads(line)), rounds))
             seen = len(lines)
         if done:
             return

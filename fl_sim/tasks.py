@@ -1,8 +1,14 @@
 """Instruction/response task families with exact answers, generated from a seed.
 
-Private families are what devices train on (each device sees a skewed mix); public families
-teach the offline base model the prompt format and stand in for the public prompts the
+Private families are what devices train on (each device sees a skewed mix); public families are
+the aggregator's: they pretrain the offline base models and are the public prompts the
 aggregator distils on. A family is a function ``rng -> (instruction, input, output)``.
+
+The families are chosen so that a sub-million-parameter student with LoRA can learn them on two
+CPU cores in a few thousand steps (centralized training reaches a mean exact match near 0.7; see
+benchmarks/README.md): each needs a procedure (copy, count, increment, append zeros) or a table
+(invented facts), and held-out questions are never training questions, except for the fact table.
+Digits are single tokens (``fl_lm.build``), so number answers are learnable digit by digit.
 """
 
 from __future__ import annotations
@@ -23,43 +29,43 @@ _SYL = ("ka", "lo", "mi", "ren", "ta", "vo", "zel", "qu", "ar", "nis", "to", "be
 
 
 def _arith(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    op = rng.choice(("add", "subtract", "multiply"))
-    if op == "add":
-        return "Add the two numbers.", f"{a} {b}", str(a + b)
-    if op == "subtract":
-        return "Subtract the second number from the first.", f"{a} {b}", str(a - b)
-    a, b = rng.randint(0, 12), rng.randint(0, 12)
-    return "Multiply the two numbers.", f"{a} {b}", str(a * b)
+    n = rng.randint(0, 999)
+    if rng.random() < 0.5:
+        return "Add one to the number.", str(n), str(n + 1)
+    return "Subtract one from the number.", str(n), str(n - 1)
 
 
 def _string(rng: random.Random) -> tuple[str, str, str]:
-    w = rng.choice(_WORDS)
-    op = rng.choice(("reverse", "upper", "first3"))
-    if op == "reverse":
-        return "Reverse the word.", w, w[::-1]
-    if op == "upper":
-        return "Write the word in capital letters.", w, w.upper()
-    return "Give the first three letters of the word.", w, w[:3]
+    ws = [rng.choice(_WORDS) for _ in range(rng.randint(2, 4))]
+    op = rng.choice(("first", "last", "twice"))
+    shown = " ".join(ws)
+    if op == "first":
+        return "Give the first word.", shown, ws[0]
+    if op == "last":
+        return "Give the last word.", shown, ws[-1]
+    return "Write the last word twice.", shown, f"{ws[-1]} {ws[-1]}"
 
 
 def _list(rng: random.Random) -> tuple[str, str, str]:
-    xs = [rng.randint(0, 20) for _ in range(rng.randint(3, 5))]
-    op = rng.choice(("sort", "max", "len"))
+    xs = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
+    op = rng.choice(("first", "last", "len"))
     shown = " ".join(map(str, xs))
-    if op == "sort":
-        return "Sort the numbers in ascending order.", shown, " ".join(map(str, sorted(xs)))
-    if op == "max":
-        return "Give the largest number.", shown, str(max(xs))
+    if op == "first":
+        return "Give the first number.", shown, str(xs[0])
+    if op == "last":
+        return "Give the last number.", shown, str(xs[-1])
     return "How many numbers are in the list?", shown, str(len(xs))
 
 
+# unit, target unit, powers of ten between them: the answer is the number with that many zeros.
+_UNITS = (("km", "meters", 3), ("kg", "grams", 3), ("meters", "centimeters", 2), ("liters", "deciliters", 1),
+          ("tonnes", "kg", 3), ("decades", "years", 1))
+
+
 def _units(rng: random.Random) -> tuple[str, str, str]:
-    n = rng.randint(1, 30)
-    unit, target, factor = rng.choice(
-        (("km", "meters", 1000), ("hours", "minutes", 60), ("minutes", "seconds", 60), ("kg", "grams", 1000), ("days", "hours", 24))
-    )
-    return f"Convert to {target}.", f"{n} {unit}", str(n * factor)
+    n = rng.randint(1, 99)
+    unit, target, zeros = rng.choice(_UNITS)
+    return f"Convert to {target}.", f"{n} {unit}", str(n) + "0" * zeros
 
 
 def _fact_table(seed: int = 7, n: int = 24) -> list[tuple[str, str, str]]:
@@ -87,15 +93,23 @@ def _facts(rng: random.Random) -> tuple[str, str, str]:
     return "What colour is the flag of this country?", country, colour
 
 
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize()
+
+
 def _copy(rng: random.Random) -> tuple[str, str, str]:
-    ws = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 4)))
-    return "Repeat the text.", ws, ws
+    """Words, numbers and invented names: repeating them is what gives every token its embedding."""
+    items = []
+    for _ in range(rng.randint(1, 5)):
+        k = rng.random()
+        items.append(rng.choice(_WORDS) if k < 0.35 else str(rng.randint(0, 999)) if k < 0.7 else _name(rng))
+    shown = " ".join(items)
+    return "Repeat the text.", shown, shown
 
 
 def _count(rng: random.Random) -> tuple[str, str, str]:
-    start = rng.randint(0, 20)
-    k = rng.randint(2, 5)
-    return "Count up from the number.", str(start), " ".join(str(start + i) for i in range(1, k + 1))
+    start, k = rng.randint(0, 99), rng.randint(2, 5)
+    return "Count up from the first number, as many steps as the second.", f"{start} {k}", " ".join(str(start + i) for i in range(1, k + 1))
 
 
 PRIVATE_FAMILIES: dict[str, Gen] = {

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 def _settings(tmp_path: Path, broker: Mosquitto, models: dict[str, str], **kw: object) -> SimSettings:
     base: dict = dict(devices=3, rounds=2, out=str(tmp_path / "run"), broker=broker.url, student=models["student"],
                       local_steps=8, examples_per_family=30, eval_per_family=6, round_timeout_s=120.0, keep_received=True,
-                      secagg=False)  # the FedIT baseline: the test inspects each received update
+                      secagg=False, mode="fedit")  # the FedIT baseline: the test inspects each received update
     base.update(kw)
     return SimSettings(**base)
 

@@ -110,22 +110,22 @@ def aggregator(tmp_path_factory: pytest.TempPathFactory):
     registry.enroll(d / "reg.json", "dev-a", DEV.public)
     write_jsonl(d / "eval.jsonl", [Example("Add.", "1 2", "3", "arith")])
     a = Aggregator(AggregatorConfig(broker="mqtt://127.0.0.1:1", student="unused", eval_data=str(d / "eval.jsonl"),
-                                    out_dir=str(d / "out"), keys=str(d / "agg.key"), registry=str(d / "reg.json")))
+                                    out_dir=str(d / "out"), keys=str(d / "agg.key"), registry=str(d / "reg.json"), mode="fedit"))
     a.digest = "ab" * 32
     a.global_state = {"w": np.zeros(4, np.float32)}
     a.book = RoundBook(rnd=2, participants=["dev-a"], deadline=1e18, spec=dense_spec(2, ["dev-a"], 4))
     # The seeds are genuine traffic the aggregator has already seen, so a mutation that happens to
     # reproduce one is a replay: the status is already known and the update's seq already used.
-    a.online = {"dev-a": 3}
-    a.last_seq = {"dev-a": 1}
-    logging.getLogger("aggregator.server").setLevel(logging.CRITICAL)
+    a.col.online = {"dev-a": 3}
+    a.col.last_seq = {"dev-a": 1}
+    logging.getLogger("aggregator.collect").setLevel(logging.CRITICAL)
     return a
 
 
 def _snapshot(a) -> tuple:
     b = a.book
-    return (dict(a.online), dict(a.last_seq), {k: v.copy() for k, v in a.global_state.items()},
-            dict(b.replies), set(b.dropped), a.uploads.active_transfers)
+    return (dict(a.online), dict(a.col.last_seq), {k: v.copy() for k, v in a.global_state.items()},
+            dict(b.replies), set(b.dropped), a.col.uploads.active_transfers)
 
 
 @FUZZ
@@ -138,8 +138,8 @@ def test_fuzz_aggregator_dispatch_changes_nothing(aggregator, kind: str, data: b
     for k in before[2]:
         np.testing.assert_array_equal(before[2][k], after[2][k])
     # a manifest that decodes may open a (bounded) transfer; that is state the reassembler owns
-    for sender, xfer in list(aggregator.uploads._transfers):  # noqa: SLF001
-        aggregator.uploads.drop(xfer, sender=sender)
+    for sender, xfer in list(aggregator.col.uploads._transfers):  # noqa: SLF001
+        aggregator.col.uploads.drop(xfer, sender=sender)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,8 @@ class Capture:
 def test_sim_over_mosquitto_tls_acl_and_captured_update_tamper(tmp_path: Path, tiny_models: dict[str, str]) -> None:
     s = SimSettings(devices=3, rounds=2, out=str(tmp_path / "run"), broker_mode="mosquitto", student=tiny_models["student"],
                     local_steps=8, examples_per_family=30, eval_per_family=6, round_timeout_s=120.0, keep_received=True,
-                    secagg=True, density=0.25, value_bits=14, keep_sent=True)
+                    secagg=True, density=0.25, value_bits=14, keep_sent=True,
+                    teacher=tiny_models["teacher"])  # the default mode, fedkd: FedAvg then mutual distillation
     run = launch(s)
     assert run.broker.startswith("mqtts://")
     cap = Capture(MqttCredentials.load(run.out / "broker" / "credentials" / "aggregator.json"))

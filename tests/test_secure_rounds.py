@@ -38,7 +38,8 @@ def _build_fleet(tiny_models: dict[str, str], root: Path, **overrides: object):
 
     ids = [f"device-{i}" for i in range(N)]
     data = prepare.generated(N, 12, 3, "family", 1.0, seed=0)
-    shards, eval_dir = prepare.write_data(root, data)
+    paths = prepare.write_data(root, data)
+    shards, eval_dir = paths.shards, paths.eval_dir
     keys = make_keys(root / "keys", ids)
     bus = Bus()
     plan = DropPlan()
@@ -58,7 +59,7 @@ def _build_fleet(tiny_models: dict[str, str], root: Path, **overrides: object):
                           quorum=1, min_devices_to_start=N, local_steps=3, learning_rate=5e-3, secagg=True,
                           secagg_threshold=T, density=0.25, value_bits=22, clip=0.05, key_timeout_s=5.0,
                           sparse_method="topk",  # rounds after the first pick from the masked magnitude sketch
-                          round_timeout_s=60.0, eval_max_per_family=2, keep_received=True)
+                          round_timeout_s=60.0, eval_max_per_family=2, keep_received=True, mode="fedit")
     settings.update(overrides)
     agg = Aggregator(AggregatorConfig(**settings))
     agg.load_model()
@@ -91,28 +92,28 @@ def _round(fleet, drops: dict[str, str], replay: set[str] = frozenset()) -> tupl
 
 def _check_sum(fleet, rec: dict, before: np.ndarray, after: np.ndarray) -> None:
     agg, edges, _, root = fleet
-    assert rec["status"] == "ok", rec.get("abandon_reason")
+    assert rec.status == "ok", rec.abandon_reason
     n_examples = {e.cfg.device_id: len(e.examples) for e in edges}
     norm = max(n_examples.values())
-    w = {d: update_codec.weight(n_examples[d], norm) for d in rec["received"]}
-    expected = sum(w[d] * _sent(root, d, rec["round"]) for d in rec["received"]) / sum(w.values())
+    w = {d: update_codec.weight(n_examples[d], norm) for d in rec.received}
+    expected = sum(w[d] * _sent(root, d, rec.round) for d in rec.received) / sum(w.values())
     ring, vbits = update_codec.ring_for(N, agg.cfg.value_bits)
     bound = error_bound(update_codec.quant_config(M.SecAggSpec(
         node_ids=tuple(range(N)), threshold=T, graph_seed=bytes(32), clip=agg.cfg.clip, ring_bits=ring,
-        value_bits=vbits, weight_norm=norm, sketch_block=0)), len(rec["received"])) / sum(w.values())
+        value_bits=vbits, weight_norm=norm, sketch_block=0)), len(rec.received)) / sum(w.values())
     got = after - before
     # Plus float32 rounding: the global adapter is stored (and the mean applied) in float32.
     bound += 2 * np.finfo(np.float32).eps * float(np.abs(after).max() + np.abs(expected).max())
     assert np.abs(got - expected).max() <= bound, (np.abs(got - expected).max(), bound)
-    assert np.count_nonzero(expected) > 0.5 * rec["sparse"]["k"]  # real, non-trivial training deltas
-    assert np.count_nonzero(got) <= rec["sparse"]["k"]  # only the round's index set moved
+    assert np.count_nonzero(expected) > 0.5 * rec.sparse["k"]  # real, non-trivial training deltas
+    assert np.count_nonzero(got) <= rec.sparse["k"]  # only the round's index set moved
 
 
 def test_no_dropout(fleet) -> None:
     rec, before, after = _round(fleet, {})
-    assert rec["received"] == [f"device-{i}" for i in range(N)] and rec["secagg"]
+    assert rec.received == [f"device-{i}" for i in range(N)] and rec.secagg
     _check_sum(fleet, rec, before, after)
-    kinds = rec["bytes_by_kind"]["device-0"]
+    kinds = rec.bytes_by_kind["device-0"]
     assert kinds["up_secagg"] > 0 and kinds["down_secagg"] > 0 and kinds["up_update"] > 0  # key phase is counted
 
 
@@ -121,12 +122,12 @@ def test_no_dropout(fleet) -> None:
 def test_dropouts_at_each_stage(fleet, stage: str, count: int) -> None:
     drops = {f"device-{N - 1 - i}": stage for i in range(count)}
     rec, before, after = _round(fleet, drops)
-    assert rec["sparse"]["method"] == "topk" or rec["round"] == 1  # later rounds: from the summed sketch
+    assert rec.sparse["method"] == "topk" or rec.round == 1  # later rounds: from the summed sketch
     # Devices that die before their masked input is sent are not in the sum; those that die
     # while unmasking are: their self-masks are rebuilt from the others' shares.
     in_sum = stage == "unmask"
     expected = sorted(f"device-{i}" for i in range(N) if in_sum or f"device-{i}" not in drops)
-    assert rec["received"] == expected
+    assert rec.received == expected
     _check_sum(fleet, rec, before, after)
 
 
@@ -136,19 +137,19 @@ def test_fewer_than_t_survivors_abort_and_leave_the_model(fleet, stage: str, cap
     drops = {f"device-{N - 1 - i}": stage for i in range(N - T + 1)}
     with caplog.at_level(logging.ERROR, logger="aggregator.server"):
         rec, before, after = _round(fleet, drops)
-    assert rec["status"] == "abandoned" and "secure aggregation aborted" in rec["abandon_reason"]
+    assert rec.status == "abandoned" and "secure aggregation aborted" in rec.abandon_reason
     assert "global model unchanged" in caplog.text
     np.testing.assert_array_equal(before, after)
     state = json.loads((agg.out / "state.json").read_text())
-    assert state["round"] < rec["round"]  # no checkpoint for the aborted round
+    assert state["round"] < rec.round  # no checkpoint for the aborted round
 
 
 def test_replayed_stage_messages_are_rejected_and_the_round_completes(fleet) -> None:
     """Each of device-1's messages is followed by a replay of its previous one (advertise during
     share keys, share keys with the masked input, the masked input again during unmask)."""
     rec, before, after = _round(fleet, {}, replay={"device-1"})
-    assert rec["rejected_messages"] >= 3
-    assert rec["received"] == [f"device-{i}" for i in range(N)]
+    assert rec.rejected_messages >= 3
+    assert rec.received == [f"device-{i}" for i in range(N)]
     _check_sum(fleet, rec, before, after)
 
 
@@ -169,15 +170,15 @@ def test_the_aggregator_stores_and_logs_no_individual_update(fleet, caplog: pyte
     with caplog.at_level(logging.DEBUG):
         rec, _, _ = _round(fleet, {})
     for e in edges:
-        stored = (agg.out / "received" / f"round_{rec['round']:04d}" / f"{e.cfg.device_id}.msgpack").read_bytes()
+        stored = (agg.out / "received" / f"round_{rec.round:04d}" / f"{e.cfg.device_id}.msgpack").read_bytes()
         up = M.decode(stored, expect=M.MaskedUpdate)
         assert _chi2_bytes(up.masked) < CHI2_255  # type: ignore[attr-defined]
-        sent = _sent(root, e.cfg.device_id, rec["round"])
+        sent = _sent(root, e.cfg.device_id, rec.round)
         plain = sent[np.flatnonzero(sent)].astype("<f4").tobytes()
         assert _chi2_bytes(plain[: len(up.masked)]) > 10 * CHI2_255  # control: the test can tell
     stored = b"".join(p.read_bytes() for p in Path(agg.out).rglob("*") if p.is_file()) + caplog.text.encode()
     for e in edges:
-        sent = _sent(root, e.cfg.device_id, rec["round"])
+        sent = _sent(root, e.cfg.device_id, rec.round)
         idx = np.flatnonzero(sent)
         for probe in (sent[idx].astype("<f4").tobytes(), sent[idx].astype("<f2").tobytes()):
             assert probe[:64] not in stored
@@ -190,12 +191,12 @@ def test_sparse_rounds_without_secure_aggregation(tiny_models: dict[str, str], t
     agg, edges, _, root = fl
     for _ in range(2):
         rec, before, after = _round(fl, {})
-        assert rec["status"] == "ok" and not rec["secagg"] and rec["sparse"]["method"] in (method, "topk")
+        assert rec.status == "ok" and not rec.secagg and rec.sparse["method"] in (method, "topk")
         n = {e.cfg.device_id: len(e.examples) for e in edges}
         total = sum(n.values())
-        expected = sum(n[d] / total * _sent(root, d, rec["round"]).astype(np.float64) for d in rec["received"])
+        expected = sum(n[d] / total * _sent(root, d, rec.round).astype(np.float64) for d in rec.received)
         np.testing.assert_allclose(after - before, expected, atol=1e-6)
-        k = rec["sparse"]["k"]
-        up = rec["bytes_by_kind"]["device-0"]["up_update"]
+        k = rec.sparse["k"]
+        up = rec.bytes_by_kind["device-0"]["up_update"]
         # fp16 values, plus about two bytes per index for per-device top-k, plus envelope and crypto
         assert up < k * (2 if method == "random" else 4.5) + 1500

@@ -26,7 +26,7 @@ def agg(tmp_path: Path) -> tuple[Aggregator, DeviceKeys, DeviceKeys]:
     write_jsonl(tmp_path / "eval.jsonl", [Example("Add.", "1 2", "3", "arith")])
     cfg = AggregatorConfig(broker="mqtt://127.0.0.1:1", student="unused", eval_data=str(tmp_path / "eval.jsonl"),
                            out_dir=str(tmp_path / "out"), keys=str(tmp_path / "agg.key"), registry=str(tmp_path / "reg.json"),
-                           quorum=1, min_devices_to_start=1)
+                           quorum=1, min_devices_to_start=1, mode="fedit")
     a = Aggregator(cfg)
     a.digest = "ab" * 32
     a.global_state = {"w": np.zeros(4, np.float32)}

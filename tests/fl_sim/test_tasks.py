@@ -12,16 +12,18 @@ def test_generation_is_deterministic_and_answers_are_exact() -> None:
     assert a == tasks.generate("arithmetic", 50, seed=1)
     assert a != tasks.generate("arithmetic", 50, seed=2)
     for e in a:
-        x, y = map(int, e.input.split())
-        want = {"Add": x + y, "Subtract": x - y, "Multiply": x * y}[e.instruction.split()[0]]
-        assert e.output == str(want)
+        n = int(e.input)
+        assert e.output == str(n + 1 if e.instruction.startswith("Add one") else n - 1)
     for e in tasks.generate("list", 30, 0):
         xs = list(map(int, e.input.split()))
-        if e.instruction.startswith("Sort"):
-            assert e.output == " ".join(map(str, sorted(xs)))
+        want = {"Give the first number.": xs[0], "Give the last number.": xs[-1]}.get(e.instruction, len(xs))
+        assert e.output == str(want)
     for e in tasks.generate("string", 30, 0):
-        if e.instruction.startswith("Reverse"):
-            assert e.output == e.input[::-1]
+        ws = e.input.split()
+        assert e.output == {"Give the first word.": ws[0], "Give the last word.": ws[-1]}.get(e.instruction, f"{ws[-1]} {ws[-1]}")
+    for e in tasks.generate("units", 30, 0):
+        n, unit = e.input.split()
+        assert e.output.startswith(n) and set(e.output[len(n):]) <= {"0"} and len(e.output) > len(n)
 
 
 def test_facts_table_is_consistent() -> None:

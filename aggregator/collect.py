@@ -1,0 +1,297 @@
+"""Collection: what arrives from devices, authenticated, reassembled and routed to the open round.
+
+Network messages arrive on a queue (``fl_mqtt``) and are handled here, on one thread, in order.
+Anything that fails to decode or validate is logged with its typed error and the round goes on.
+The collector knows who is online (presence), who is enrolled and who may speak in the open
+round's current stage; it does not know what a round does with an update: the round's
+``accept`` callback (plain decoding, or folding into the secure sum) does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.strategy import Reply
+from shared import messages as M
+from shared import secagg, secure, topics
+from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, decode_frame
+from shared.crypto import DeviceKeys, PublicKeys
+from shared.errors import ProtocolError, ReplayError, SchemaError
+
+log = logging.getLogger(__name__)
+
+Update = M.Update | M.SparseUpdate | M.MaskedUpdate
+
+
+@dataclass
+class RoundBook:
+    """What happened in one round, as it happens."""
+
+    rnd: int
+    participants: list[str]
+    deadline: float
+    replies: dict[str, Reply] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    bytes_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> up/down kind -> bytes
+    rejected: int = 0
+    spec: M.RoundSpec | None = None
+    idx: np.ndarray | None = None  # the round's shared index set
+    # Secure aggregation: the stage being collected, who must answer it, and what arrived.
+    stage: str = "update"  # advertise, share, update, unmask
+    expect: set[str] | None = None  # None: every participant
+    inbox: dict[str, Any] = field(default_factory=dict)
+    sa: Any = None  # shared.secagg.ServerState
+    node_of: dict[str, int] = field(default_factory=dict)
+    received: list[str] | None = None  # secure aggregation: the devices whose inputs are in the sum
+    # How an accepted update becomes a Reply: the secure sum's fold; None: the collector's plain decoder.
+    accept: Callable[[str, Any], Reply] | None = None
+
+    def waiting_for(self) -> set[str]:
+        expect = set(self.participants) if self.expect is None else self.expect
+        got = set(self.replies) if self.stage == "update" else set(self.inbox)
+        return expect - got - self.dropped
+
+    def count(self, device: str, direction: str, kind: str, n: int) -> None:
+        total = self.bytes_up if direction == "up" else self.bytes_down
+        total[device] = total.get(device, 0) + n
+        per = self.bytes_by_kind.setdefault(device, {})
+        key = f"{direction}_{kind}"
+        per[key] = per.get(key, 0) + n
+
+
+class Collector:
+    """The aggregator's side of the link: dispatch, reassembly, presence, and sending."""
+
+    def __init__(self, *, enrolled: set[str], keys: DeviceKeys | None, pubkeys: dict[str, PublicKeys], chunk_bytes: int,
+                 out_dir: Path, keep_received: bool = False,
+                 accept_plain: Callable[[RoundBook, str, Any], Reply] | None = None) -> None:
+        self.enrolled = enrolled
+        self.keys = keys  # None: insecure
+        self.pubkeys = pubkeys
+        self.policy = ChunkPolicy(max_message_bytes=chunk_bytes)
+        # Bounded: at most two transfers per enrolled device in flight, idle ones dropped after 10 min.
+        self.uploads = Reassembler(max_transfers=2 * len(enrolled) + 2, max_transfer_bytes=1 << 30,
+                                   max_total_bytes=4 << 30, idle_timeout_s=600)
+        self.last_seq: dict[str, int] = {}
+        self.online: dict[str, int] = {}  # device -> num_examples it reported
+        self.book: RoundBook | None = None
+        self.link: Any = None
+        self.digest = ""  # the student base every update must be for
+        self.out = out_dir
+        self.keep_received = keep_received
+        self.accept_plain = accept_plain  # how a plain round's update becomes a Reply
+        self._ignored: set[str] = set()
+
+    @property
+    def insecure(self) -> bool:
+        return self.keys is None
+
+    # -- receiving -----------------------------------------------------------------------------
+    def dispatch(self, topic: str, payload: bytes, wire_bytes: int) -> None:
+        try:
+            t = topics.parse(topic)
+            if t.direction != topics.UP or t.device_id is None:
+                raise SchemaError(f"not an upload topic: {topic}")
+            if t.device_id not in self.enrolled:
+                if t.device_id not in self._ignored:
+                    log.warning("ignoring unenrolled device %s", t.device_id)
+                    self._ignored.add(t.device_id)
+                return
+            if not payload and t.kind == "status":
+                return  # a cleared retained message
+            if self.book is not None and t.device_id in self.book.participants:
+                # Chunks are update bytes: devices chunk only updates.
+                self.book.count(t.device_id, "up", "update" if t.kind == "chunk" else t.kind, wire_bytes)
+            if t.kind == "chunk":
+                frame = decode_frame(payload)
+                if isinstance(frame, Manifest):
+                    self.uploads.start(frame, sender=t.device_id)
+                    return
+                assert isinstance(frame, Chunk)
+                done = self.uploads.add(frame, sender=t.device_id)
+                if done is None:
+                    return
+                payload, kind = done, "update"
+            else:
+                kind = t.kind
+            if kind == "status":
+                self.on_status(t.device_id, self.unwrap(payload, M.DeviceStatus, t.device_id, self._status_round))  # type: ignore[arg-type]
+            elif kind == "update":
+                self.on_update(t.device_id, self.unwrap(payload, self._update_kind(payload), t.device_id, self._current_round))  # type: ignore[arg-type]
+            elif kind == "secagg":
+                self.on_secagg(t.device_id, self.unwrap(payload, M.SecAggMsg, t.device_id, self._current_round))  # type: ignore[arg-type]
+            else:
+                raise SchemaError(f"unknown upload kind {t.kind!r}")
+        except ProtocolError as e:
+            if self.book is not None:
+                self.book.rejected += 1
+            log.warning("rejected message on %s: %s: %s", topic, type(e).__name__, e)
+
+    def _update_kind(self, data: bytes) -> type[M.Message]:
+        """Which update message an upload claims to hold (checked again when it is opened)."""
+        kind = type(M.decode(data)).KIND if self.insecure else secure.peek(data)[0].kind
+        cls = M.KINDS.get(kind)
+        if cls not in M.UPDATE_KINDS:
+            raise SchemaError(f"{kind!r} is not an update message")
+        return cls  # type: ignore[return-value]
+
+    def unwrap(self, data: bytes, expect: type[M.Message], device: str, check_round: Any) -> M.Message:
+        """Authenticate and decode an upload, or raise a typed ProtocolError."""
+        if self.insecure:
+            msg = M.decode(data, expect=expect)
+            check_round(getattr(msg, "round", 0))
+            return msg
+        sealed = expect is not M.DeviceStatus  # status is public (signed); everything else is sealed to us
+        return secure.open_message(data, expect, device_id=device, check_round=check_round,
+                                   recipient=self.keys if sealed else None,
+                                   sender=self.pubkeys[device], sealed=sealed)
+
+    @staticmethod
+    def _status_round(r: int) -> None:
+        if r != 0:
+            raise ReplayError(f"status bound to round {r}, expected 0")
+
+    def _current_round(self, r: int) -> None:
+        current = self.book.rnd if self.book is not None else None
+        if r != current:
+            raise ReplayError(f"update for round {r}; the open round is {current}")
+
+    def on_status(self, device: str, st: M.DeviceStatus) -> None:
+        if st.device_id != device:
+            raise ReplayError(f"status for {st.device_id} arrived on {device}'s topic")
+        if st.state == "offline":
+            self.online.pop(device, None)
+            if self.book is not None and device in self.book.participants:
+                # Also when it is not awaited right now: a later secure-aggregation stage would be.
+                self.book.dropped.add(device)
+                log.warning("round %d: device %s went offline (%s); treating it as a dropout", self.book.rnd, device, st.detail)
+        elif st.state == "declined":
+            if self.book is not None and device in self.book.waiting_for():
+                self.book.dropped.add(device)
+                log.warning("round %d: device %s declined: %s", self.book.rnd, device, st.detail)
+        else:
+            if device not in self.online:
+                log.info("device %s online (%s, %d examples)", device, st.profile, st.num_examples)
+            self.online[device] = st.num_examples
+
+    def on_update(self, device: str, up: Update) -> None:
+        b = self.book
+        if up.device_id != device:
+            raise ReplayError(f"update for {up.device_id} arrived on {device}'s topic")
+        if b is None or up.round != b.rnd or b.spec is None:
+            raise ReplayError(f"update from {device} for round {up.round}; current round is {b.rnd if b else 'none'}")
+        if device not in b.participants:
+            raise ReplayError(f"{device} is not a participant of round {b.rnd}")
+        if up.seq <= self.last_seq.get(device, 0):
+            raise ReplayError(f"repeated (device, round, seq) = ({device}, {up.round}, {up.seq})")
+        if device in b.replies:
+            raise ReplayError(f"second update from {device} in round {b.rnd}")
+        if up.base_digest != self.digest:
+            raise SchemaError(f"update from {device} is for base {up.base_digest[:12]}")
+        if up.num_examples < 1:
+            raise SchemaError(f"update from {device} claims {up.num_examples} examples")
+        spec = b.spec
+        want = M.MaskedUpdate if spec.secagg is not None else (M.Update if spec.sparse.method == "dense" else M.SparseUpdate)
+        if not isinstance(up, want):
+            raise SchemaError(f"round {b.rnd} takes {want.KIND!r} updates, {device} sent {type(up).KIND!r}")
+        if b.accept is not None:
+            reply = b.accept(device, up)
+        elif self.accept_plain is not None:
+            reply = self.accept_plain(b, device, up)
+        else:
+            raise ReplayError(f"update from {device}: round {b.rnd} takes no updates")
+        self.last_seq[device] = up.seq
+        b.replies[device] = reply
+        b.train_loss[device] = up.train_loss
+        if self.keep_received:
+            d = self.out / "received" / f"round_{b.rnd:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{device}.msgpack").write_bytes(M.encode(up))
+        log.info("round %d: %s from %s (%d examples, %d/%d)", b.rnd, type(up).KIND, device, up.num_examples,
+                 len(b.replies), len(b.participants))
+
+    def on_secagg(self, device: str, msg: M.SecAggMsg) -> None:
+        b = self.book
+        if b is None or b.spec is None or b.spec.secagg is None or msg.round != b.rnd:
+            raise ReplayError(f"secure-aggregation message from {device} for round {msg.round}, no such round open")
+        if msg.device_id != device:
+            raise ReplayError(f"secure-aggregation message for {msg.device_id} arrived on {device}'s topic")
+        inner = secagg.decode(msg.body)
+        want = {"advertise": secagg.AdvertiseKeys, "share": secagg.ShareKeys, "unmask": secagg.UnmaskShares}.get(b.stage)
+        if want is None or not isinstance(inner, want):
+            raise ReplayError(f"{type(inner).__name__} from {device} during stage {b.stage!r}")
+        if device not in b.waiting_for():
+            raise ReplayError(f"{device} is not expected in stage {b.stage!r} (already answered or not in it)")
+        if inner.round_id != b.rnd or inner.sender != b.node_of[device]:
+            raise ReplayError(f"{device} sent a stage message as node {inner.sender} of round {inner.round_id}")
+        b.inbox[device] = inner
+
+    # -- waiting -------------------------------------------------------------------------------
+    def pump(self, until: float) -> None:
+        """Handle incoming messages until ``until`` (monotonic) or until the round needs nobody else."""
+        while time.monotonic() < until:
+            if self.book is not None and not self.book.waiting_for():
+                return
+            inc = self.link.get(timeout=min(0.5, max(0.01, until - time.monotonic())))
+            if inc is not None:
+                self.dispatch(inc.topic, inc.payload, inc.wire_bytes)
+            for sender, xfer in self.uploads.expire():
+                log.warning("dropped incomplete upload %s from %s (idle too long)", xfer, sender)
+
+    def drain(self) -> None:
+        """Handle whatever has already arrived, without waiting."""
+        while (inc := self.link.get(timeout=0)) is not None:
+            self.dispatch(inc.topic, inc.payload, inc.wire_bytes)
+
+    def wait_for_devices(self, n: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.online) < n and time.monotonic() < deadline:
+            inc = self.link.get(timeout=0.5)
+            if inc is not None:
+                self.dispatch(inc.topic, inc.payload, inc.wire_bytes)
+            self.uploads.expire()
+        if len(self.online) < n:
+            log.warning("only %d of %d devices online after %.0fs; starting anyway", len(self.online), n, timeout_s)
+
+    def collect(self, stage: str, expect: set[str], timeout_s: float) -> dict[str, Any]:
+        """Wait for one message of ``stage`` from each of ``expect`` (or the deadline)."""
+        b = self.book
+        assert b is not None
+        b.stage, b.expect, b.inbox = stage, set(expect), {}
+        self.pump(min(time.monotonic() + timeout_s, b.deadline))
+        missing = b.waiting_for()
+        if missing:
+            log.warning("round %d: no %s message from %s; treating them as dropouts", b.rnd, stage, sorted(missing))
+        return b.inbox if stage != "update" else b.replies
+
+    # -- sending -------------------------------------------------------------------------------
+    def wrap(self, msg: M.Message, rnd: int, device: str) -> bytes:
+        """Sign what we send (announcements are public but must not be forgeable)."""
+        if self.keys is None:
+            return M.encode(msg)
+        return secure.sign_message(msg, round=rnd, device_id=device, key=self.keys)
+
+    def send_to(self, device: str, kind: str, msg: M.Message) -> int:
+        from fl_mqtt.transfer import send
+
+        b = self.book
+        assert b is not None
+        n = send(self.link, topics.down(device, kind), topics.down(device, "chunk"), self.wrap(msg, b.rnd, device), self.policy)
+        b.count(device, "down", kind, n)
+        return n
+
+    def broadcast_shutdown(self, rnd: int) -> None:
+        try:
+            self.link.publish(topics.bcast("shutdown"), self.wrap(M.Shutdown(reason="done"), rnd, secure.BROADCAST), timeout=5)
+        except Exception as e:  # best effort; devices also have an idle timeout
+            log.debug("shutdown broadcast failed: %s", e)

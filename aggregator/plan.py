@@ -1,0 +1,62 @@
+"""Plan a round: which coordinates devices send, and the secure-aggregation parameters.
+
+Pure with respect to the network: the config, the adapter layout and what the aggregator has
+learnt so far (aggregate magnitudes, the fleet's summed sketch) in; a ``RoundSpec`` out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from shared import messages as M
+from shared import secagg, sparse, tensors, update_codec
+from shared.errors import ConfigError
+
+
+def sparse_spec(c: AggregatorConfig, dim: int, seed: int, scores: np.ndarray | None, sketch: np.ndarray | None) -> M.SparseSpec:
+    k = max(1, min(dim, round(c.density * dim)))
+    vd = c.sparse_value_dtype
+    if k == dim:
+        return M.SparseSpec(method="dense", dim=dim, k=dim, seed=seed, indices=b"", value_dtype=vd)  # type: ignore[arg-type]
+    if c.sparse_method == "device_topk":
+        return M.SparseSpec(method="device_topk", dim=dim, k=k, seed=seed, indices=b"", value_dtype=vd)  # type: ignore[arg-type]
+    if c.sparse_method == "topk" and c.secagg and c.sketch_block and sketch is not None:
+        # The fleet told us (in aggregate) where its unsent mass is: ask for exactly that.
+        idx = sparse.select_indices(sketch, k, seed, explore=0.0)
+        method = "topk"
+    elif c.sparse_method == "random" or scores is None:
+        # Global top-k needs a previous aggregate; the first round draws its coordinates at random.
+        idx, method = sparse.random_k(dim, k, seed), "random"
+    else:
+        idx, method = sparse.select_indices(scores, k, seed, c.topk_explore), "topk"
+    return M.SparseSpec(method=method, dim=dim, k=k, seed=seed, indices=sparse.encode_indices(idx, dim), value_dtype=vd)  # type: ignore[arg-type]
+
+
+def secagg_spec(c: AggregatorConfig, participants: list[str], online: dict[str, int], method: str) -> M.SecAggSpec:
+    n = len(participants)
+    kk = secagg.graph.neighbourhood_size(n)
+    t = min(c.secagg_threshold or secagg.default_threshold(n), kk)
+    try:
+        ring_bits, value_bits = update_codec.ring_for(n, c.value_bits)
+    except ConfigError as e:
+        raise secagg.SecAggAbort(str(e)) from e
+    return M.SecAggSpec(node_ids=tuple(range(n)), threshold=t, graph_seed=os.urandom(32), clip=c.clip,
+                        ring_bits=ring_bits, value_bits=value_bits,
+                        weight_norm=max(1, max(online.get(d, 1) for d in participants)),
+                        sketch_block=c.sketch_block if method != "dense" else 0)
+
+
+def round_spec(c: AggregatorConfig, rnd: int, participants: list[str], *, global_state: dict[str, np.ndarray],
+               layout: sparse.Layout, lora: M.LoraSpec, digest: str, online: dict[str, int],
+               scores: np.ndarray | None, sketch: np.ndarray | None) -> M.RoundSpec:
+    """The round's announcement: global adapter, index set and secure-aggregation settings."""
+    seed = c.seed * 100_003 + rnd
+    sp = sparse_spec(c, layout.dim, seed, scores, sketch)
+    sa = secagg_spec(c, participants, online, sp.method) if c.secagg else None
+    return M.RoundSpec(round=rnd, participants=tuple(participants), local_steps=c.local_steps,
+                       learning_rate=c.learning_rate, lora=lora, base_digest=digest,
+                       deadline_s=c.round_timeout_s, seed=seed, adapter=tensors.pack(global_state),
+                       sparse=sp, secagg=sa)
