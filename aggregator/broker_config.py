@@ -66,6 +66,7 @@ CREDENTIALS_VERSION = 1
 PASSWD_ITERATIONS = 101
 PASSWD_SALT_LEN = 12
 TLS_MIN_VERSION = "tlsv1.2"
+MESSAGE_SLACK = 16 * 1024  # chunk frame, envelope and signature around a chunk's bytes
 
 
 # --- Mosquitto password hashes -------------------------------------------------------------------
@@ -156,6 +157,7 @@ class BrokerFiles:
     server_key: Path | None
     credentials: Mapping[str, Path]  # device id -> credentials JSON
     aggregator_credentials: Path
+    observer_credentials: Mapping[str, Path]  # read-only accounts (auditors) -> credentials JSON
     aggregator_user: str
     host: str
     port: int
@@ -181,7 +183,7 @@ def _write(path: Path, data: str | bytes, mode: int) -> Path:
     return path
 
 
-def _acl_text(device_ids: list[str], aggregator_user: str) -> str:
+def _acl_text(device_ids: list[str], aggregator_user: str, observers: list[str] = ()) -> str:  # type: ignore[assignment]
     p = topics.PREFIX
     lines = [
         "# Written by aggregator.broker_config. Explicit per-user rules only: anything not granted",
@@ -192,6 +194,9 @@ def _acl_text(device_ids: list[str], aggregator_user: str) -> str:
         f"topic write {p}/{topics.DOWN}/#",
         f"topic write {topics.bcast_filter()}",
     ]
+    for obs in observers:  # read-only: an auditor sees what the broker sees, and can send nothing
+        lines += ["", f"user {obs}", f"topic read {p}/{topics.UP}/#", f"topic read {p}/{topics.DOWN}/#",
+                  f"topic read {topics.bcast_filter()}"]
     for dev in device_ids:
         lines += [
             "",
@@ -238,12 +243,16 @@ def write_broker_config(
     host: str = "127.0.0.1",
     broker_user: str | None = None,
     cert_days: int = 825,
+    chunk_bytes: int = 256 * 1024,
+    force: bool = False,
+    observers: Iterable[str] = (),
 ) -> BrokerFiles:
     """Write CA + server certificate (if ``tls``), password file, ACL, per-client credentials and
     a Mosquitto config under ``out_dir``. Returns the paths; see the module docstring.
 
-    Every call generates new passwords (and certificates): re-run it after enrolling devices and
-    redistribute the credential files, or manage the password file yourself.
+    Every call generates new passwords (and certificates), so it refuses to write over an existing
+    config unless ``force``: a re-run would silently replace the CA key and lock every device out
+    until it gets its new credentials.
     """
     devices = [topics.check_device_id(d) for d in device_ids]
     if len(set(devices)) != len(devices):
@@ -254,12 +263,21 @@ def write_broker_config(
         raise ConfigError(f"aggregator_user: {exc}") from None
     if aggregator_user in devices:
         raise ConfigError(f"device id {aggregator_user!r} collides with the aggregator's username")
+    obs = [topics.check_device_id(o) for o in observers]
+    if set(obs) & ({aggregator_user} | set(devices)) or len(set(obs)) != len(obs):
+        raise ConfigError(f"observer names {obs} repeat or collide with the aggregator or a device")
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is not a TCP port")
     if any(c.isspace() for c in host) or not host:
         raise ConfigError(f"host {host!r} is not a host name or address")
 
     out = Path(out_dir).resolve()
+    existing = [p.name for p in (out / "mosquitto.conf", out / "passwd", out / "ca.key") if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{out} already holds a broker config ({', '.join(existing)}); writing again replaces the CA "
+                          f"key and every password. Pass --force to do that")
+    if chunk_bytes < 4096:
+        raise ConfigError(f"chunk_bytes {chunk_bytes} is below 4096")
     out.mkdir(parents=True, exist_ok=True)
     cred_dir = out / "credentials"
     cred_dir.mkdir(mode=0o700, exist_ok=True)
@@ -275,13 +293,13 @@ def write_broker_config(
         server_key = _write(out / "server.key", material.server_key_pem, 0o600)
         broker_read += [ca_cert, server_cert, server_key]
 
-    passwords = {user: secrets.token_urlsafe(24) for user in [aggregator_user, *devices]}
+    passwords = {user: secrets.token_urlsafe(24) for user in [aggregator_user, *devices, *obs]}
     password_file = _write(
         out / "passwd",
         "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in passwords.items()),
         0o600,
     )
-    acl_file = _write(out / "acl", _acl_text(devices, aggregator_user), 0o644)
+    acl_file = _write(out / "acl", _acl_text(devices, aggregator_user, obs), 0o644)
     broker_read += [password_file, acl_file]
 
     creds: dict[str, Path] = {}
@@ -298,6 +316,12 @@ def write_broker_config(
         "allow_anonymous false",
         f"password_file {password_file}",
         f"acl_file {acl_file}",
+        # A client is always the account it logged in as: one device's credentials cannot take
+        # over another's client id (or the aggregator's) and kick it off the broker.
+        "use_username_as_clientid true",
+        # Every protocol message is at most one chunk plus its frame: bigger ones are dropped at
+        # the broker, not delivered for the aggregator to buffer.
+        f"message_size_limit {chunk_bytes + MESSAGE_SLACK}",
     ]
     if user_opt is not None:
         body_lines.append(f"user {user_opt}")
@@ -331,6 +355,7 @@ def write_broker_config(
         server_cert=server_cert,
         server_key=server_key,
         credentials={d: creds[d] for d in devices},
+        observer_credentials={o: creds[o] for o in obs},
         aggregator_credentials=creds[aggregator_user],
         aggregator_user=aggregator_user,
         host=host,

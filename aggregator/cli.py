@@ -20,12 +20,19 @@ def keygen(out: Path, force: bool) -> None:
     log.info("wrote %s (private, 0600) and %s", priv, pub)
 
 
-def enroll(device_id: str, pubkey_file: Path, registry_path: Path) -> None:
+def enroll(device_id: str, pubkey_file: Path, registry_path: Path, replace: bool = False,
+           cert_file: Path | None = None, authority_file: Path | None = None) -> None:
     from aggregator import registry
+    from shared import authority
     from shared.crypto import load_public_keys
 
     pub = load_public_keys(pubkey_file)
-    registry.enroll(registry_path, device_id, pub)
+    cert = authority.load(cert_file) if cert_file else None
+    auth = load_public_keys(authority_file) if authority_file else None
+    if cert is None:
+        log.warning("enrolling %s WITHOUT a fleet-authority certificate: it cannot take part in secure "
+                    "aggregation (fl-authority certify, then --cert)", device_id)
+    registry.enroll(registry_path, device_id, pub, replace=replace, cert=cert, authority_keys=auth)
     log.info("enrolled %s (key fingerprint %s) in %s", device_id, pub.fingerprint(), registry_path)
 
 
@@ -42,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("device_id")
     en.add_argument("pubkey_file", type=Path)
     en.add_argument("--registry", type=Path, default=Path("registry.json"))
+    en.add_argument("--replace", action="store_true", help="replace the key of a device that is already enrolled")
+    en.add_argument("--cert", type=Path, default=None, help="the device's certificate from fl-authority certify")
+    en.add_argument("--authority", type=Path, default=None, help="authority.pub.json, to check the certificate")
     bc = sub.add_parser("broker-config", help="write a Mosquitto config with TLS, passwords and ACLs")
     bc.add_argument("--out", required=True, type=Path)
     bc.add_argument("--devices", required=True, help="comma-separated device ids")
     bc.add_argument("--port", type=int, default=8883)
     bc.add_argument("--host", default="127.0.0.1")
     bc.add_argument("--no-tls", action="store_true", help="plaintext listener (NOT for real deployments)")
+    bc.add_argument("--observers", default="", help="comma-separated read-only accounts (auditors)")
+    bc.add_argument("--force", action="store_true", help="replace an existing config: new CA key and new passwords for everyone")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from fl_mqtt.link import LinkError
@@ -56,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "keygen":
             keygen(args.out, args.force)
         elif args.cmd == "enroll":
-            enroll(args.device_id, args.pubkey_file, args.registry)
+            enroll(args.device_id, args.pubkey_file, args.registry, args.replace, args.cert, args.authority)
         elif args.cmd == "broker-config":
             from aggregator.broker_config import write_broker_config
 
             if args.no_tls:
                 log.warning("writing a broker config WITHOUT TLS: passwords and payload sizes travel in clear")
             files = write_broker_config(args.out, [d for d in args.devices.split(",") if d], tls=not args.no_tls,
-                                        port=args.port, host=args.host)
+                                        port=args.port, host=args.host, force=args.force,
+                                        observers=[o for o in args.observers.split(",") if o])
             log.info("wrote %s; per-device credentials in %s", files.conf_path, args.out)
         else:
             from aggregator.config import load

@@ -21,7 +21,8 @@ import numpy as np
 from aggregator.strategy import Reply
 from shared import messages as M
 from shared import secagg, secure, topics
-from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, decode_frame
+from shared.secagg import hardened
+from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, TransferRejected, decode_frame
 from shared.crypto import DeviceKeys, PublicKeys
 from shared.errors import ProtocolError, ReplayError, SchemaError
 
@@ -38,7 +39,7 @@ class RoundBook:
     participants: list[str]
     deadline: float
     replies: dict[str, Reply] = field(default_factory=dict)
-    train_loss: dict[str, float] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)  # plain rounds only: secure ones send it masked
     dropped: set[str] = field(default_factory=set)
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
@@ -47,14 +48,18 @@ class RoundBook:
     spec: M.RoundSpec | None = None
     idx: np.ndarray | None = None  # the round's shared index set
     # Secure aggregation: the stage being collected, who must answer it, and what arrived.
-    stage: str = "update"  # advertise, share, update, unmask
+    stage: str = "update"  # advertise, share, update, consistency, unmask
     expect: set[str] | None = None  # None: every participant
     inbox: dict[str, Any] = field(default_factory=dict)
-    sa: Any = None  # shared.secagg.ServerState
+    sa: Any = None  # shared.secagg.hardened.HardenedServer
+    hardened: bool = True  # signed adverts and the consistency check; False only in insecure mode
     node_of: dict[str, int] = field(default_factory=dict)
     received: list[str] | None = None  # secure aggregation: the devices whose inputs are in the sum
     # How an accepted update becomes a Reply: the secure sum's fold; None: the collector's plain decoder.
     accept: Callable[[str, Any], Reply] | None = None
+    # Largest upload (sealed update bytes) a participant may announce in a manifest this round.
+    max_upload: int = 0
+    fleet_train_loss: float | None = None  # weighted mean over the devices in the aggregate
 
     def waiting_for(self) -> set[str]:
         expect = set(self.participants) if self.expect is None else self.expect
@@ -79,9 +84,11 @@ class Collector:
         self.keys = keys  # None: insecure
         self.pubkeys = pubkeys
         self.policy = ChunkPolicy(max_message_bytes=chunk_bytes)
-        # Bounded: at most two transfers per enrolled device in flight, idle ones dropped after 10 min.
-        self.uploads = Reassembler(max_transfers=2 * len(enrolled) + 2, max_transfer_bytes=1 << 30,
-                                   max_total_bytes=4 << 30, idle_timeout_s=600)
+        # Bounded per device: one transfer at a time (a new manifest replaces the device's own older
+        # one), admitted only from the open round's participants while updates are expected, and no
+        # larger than the round's expected update (``admit``). Memory follows the chunks received.
+        self.uploads = Reassembler(max_transfers=len(enrolled) + 2, max_transfer_bytes=1 << 30,
+                                   max_total_bytes=4 << 30, idle_timeout_s=600, max_per_sender=1)
         self.last_seq: dict[str, int] = {}
         self.online: dict[str, int] = {}  # device -> num_examples it reported
         self.book: RoundBook | None = None
@@ -97,7 +104,7 @@ class Collector:
         return self.keys is None
 
     # -- receiving -----------------------------------------------------------------------------
-    def dispatch(self, topic: str, payload: bytes, wire_bytes: int) -> None:
+    def dispatch(self, topic: str, payload: bytes, wire_bytes: int, retain: bool = False) -> None:
         try:
             t = topics.parse(topic)
             if t.direction != topics.UP or t.device_id is None:
@@ -109,12 +116,17 @@ class Collector:
                 return
             if not payload and t.kind == "status":
                 return  # a cleared retained message
+            if retain and t.kind != "status":
+                # Only the status (and its last will) is retained by the protocol; a retained update
+                # or chunk would be replayed to us on every reconnect.
+                raise SchemaError(f"retained message on {topic}: only status messages may be retained")
             if self.book is not None and t.device_id in self.book.participants:
                 # Chunks are update bytes: devices chunk only updates.
                 self.book.count(t.device_id, "up", "update" if t.kind == "chunk" else t.kind, wire_bytes)
             if t.kind == "chunk":
                 frame = decode_frame(payload)
                 if isinstance(frame, Manifest):
+                    self.admit(t.device_id, frame)
                     self.uploads.start(frame, sender=t.device_id)
                     return
                 assert isinstance(frame, Chunk)
@@ -136,6 +148,17 @@ class Collector:
             if self.book is not None:
                 self.book.rejected += 1
             log.warning("rejected message on %s: %s: %s", topic, type(e).__name__, e)
+
+    def admit(self, device: str, m: Manifest) -> None:
+        """Only a participant, while the round takes updates, for at most the round's update size."""
+        b = self.book
+        if b is None or device not in b.participants:
+            raise TransferRejected(f"upload from {device}: not a participant of an open round")
+        if b.stage != "update" or device in b.replies or device in b.dropped:
+            raise TransferRejected(f"upload from {device} outside its update stage ({b.stage})")
+        if b.max_upload and m.total_size > b.max_upload:
+            raise TransferRejected(f"upload from {device} announces {m.total_size} bytes; round {b.rnd} updates "
+                                   f"are at most {b.max_upload}")
 
     def _update_kind(self, data: bytes) -> type[M.Message]:
         """Which update message an upload claims to hold (checked again when it is opened)."""
@@ -181,7 +204,7 @@ class Collector:
                 log.warning("round %d: device %s declined: %s", self.book.rnd, device, st.detail)
         else:
             if device not in self.online:
-                log.info("device %s online (%s, %d examples)", device, st.profile, st.num_examples)
+                log.info("device %s online (%s)", device, st.profile)
             self.online[device] = st.num_examples
 
     def on_update(self, device: str, up: Update) -> None:
@@ -212,13 +235,13 @@ class Collector:
             raise ReplayError(f"update from {device}: round {b.rnd} takes no updates")
         self.last_seq[device] = up.seq
         b.replies[device] = reply
-        b.train_loss[device] = up.train_loss
+        if not isinstance(up, M.MaskedUpdate):
+            b.train_loss[device] = up.train_loss
         if self.keep_received:
             d = self.out / "received" / f"round_{b.rnd:04d}"
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{device}.msgpack").write_bytes(M.encode(up))
-        log.info("round %d: %s from %s (%d examples, %d/%d)", b.rnd, type(up).KIND, device, up.num_examples,
-                 len(b.replies), len(b.participants))
+        log.info("round %d: %s from %s (%d/%d)", b.rnd, type(up).KIND, device, len(b.replies), len(b.participants))
 
     def on_secagg(self, device: str, msg: M.SecAggMsg) -> None:
         b = self.book
@@ -227,7 +250,9 @@ class Collector:
         if msg.device_id != device:
             raise ReplayError(f"secure-aggregation message for {msg.device_id} arrived on {device}'s topic")
         inner = secagg.decode(msg.body)
-        want = {"advertise": secagg.AdvertiseKeys, "share": secagg.ShareKeys, "unmask": secagg.UnmaskShares}.get(b.stage)
+        adv = hardened.SignedAdvertise if b.hardened else secagg.AdvertiseKeys
+        want = {"advertise": adv, "share": secagg.ShareKeys, "consistency": hardened.ConsistencySig,
+                "unmask": secagg.UnmaskShares}.get(b.stage)
         if want is None or not isinstance(inner, want):
             raise ReplayError(f"{type(inner).__name__} from {device} during stage {b.stage!r}")
         if device not in b.waiting_for():
@@ -244,21 +269,21 @@ class Collector:
                 return
             inc = self.link.get(timeout=min(0.5, max(0.01, until - time.monotonic())))
             if inc is not None:
-                self.dispatch(inc.topic, inc.payload, inc.wire_bytes)
+                self.dispatch(inc.topic, inc.payload, inc.wire_bytes, getattr(inc, "retain", False))
             for sender, xfer in self.uploads.expire():
                 log.warning("dropped incomplete upload %s from %s (idle too long)", xfer, sender)
 
     def drain(self) -> None:
         """Handle whatever has already arrived, without waiting."""
         while (inc := self.link.get(timeout=0)) is not None:
-            self.dispatch(inc.topic, inc.payload, inc.wire_bytes)
+            self.dispatch(inc.topic, inc.payload, inc.wire_bytes, getattr(inc, "retain", False))
 
     def wait_for_devices(self, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.online) < n and time.monotonic() < deadline:
             inc = self.link.get(timeout=0.5)
             if inc is not None:
-                self.dispatch(inc.topic, inc.payload, inc.wire_bytes)
+                self.dispatch(inc.topic, inc.payload, inc.wire_bytes, getattr(inc, "retain", False))
             self.uploads.expire()
         if len(self.online) < n:
             log.warning("only %d of %d devices online after %.0fs; starting anyway", len(self.online), n, timeout_s)

@@ -37,12 +37,15 @@ class DistilSettings:
     # FedMKT's kd_alpha: weight of the LM loss on the public references (the KD term gets 1 - kd_alpha).
     # FedMKT uses 0.9; our public set is small and exact-answer, so the KD term carries more.
     kd_alpha: float = 0.5
-    selective: bool = True  # DualMinCE: per sample, learn only from the side with the lower cross-entropy
+    # DualMinCE: per sample, the KD target comes from the side with the lower cross-entropy on the
+    # reference: the other model's, or the learner's own as the phase found it (an anchor).
+    selective: bool = True
+    balance_families: bool = True  # draw the public set's families equally often
     batch_size: int = 16
-    student_steps: int = 40  # teacher -> student steps per round
-    student_lr: float = 3e-3
-    teacher_steps: int = 40  # student -> teacher steps per round
-    teacher_lr: float = 2e-3
+    student_steps: int = 20  # teacher -> student steps per round
+    student_lr: float = 5e-4  # half the devices' rate: more moves the student off what the fleet taught it
+    teacher_steps: int = 20  # student -> teacher steps per round
+    teacher_lr: float = 2.5e-4  # more, and the teacher forgets public families while learning the fleet's
 
     def __post_init__(self) -> None:
         require(self.loss in KD_LOSSES, f"distil.loss must be one of {KD_LOSSES}, got {self.loss!r}")
@@ -94,11 +97,16 @@ class AggregatorConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    # A password over plain mqtt:// to a host that is not this machine is refused unless this says so.
+    allow_plaintext_password: bool = False
     torch_threads: int = 0
     # Security (on unless ``insecure``): the aggregator's private keys (``fl-agg keygen``) and the
     # registry of enrolled devices' public keys (``fl-agg enroll``). Only enrolled devices count.
     keys: str | None = None
     registry: str | None = None
+    # The fleet authority's public key (``fl-authority keygen``): secure aggregation then runs
+    # hardened (certified, signed key adverts and a consistency check). Required for secagg.
+    authority: str | None = None
     insecure: bool = False
     chunk_bytes: int = 256 * 1024  # largest MQTT payload we send; bigger ones are chunked
     # Debug/audit only: keep every received update's raw bytes under out_dir/received/. With
@@ -114,6 +122,9 @@ class AggregatorConfig:
     # 0: the finest resolution a 32-bit ring allows for the round's cohort.
     value_bits: int = 0
     key_timeout_s: float = 60.0  # deadline of each key-exchange and unmask stage
+    # A device's FedAvg weight under secure aggregation is min(examples, this) / this, sent masked;
+    # set it near the largest local data set (a device with more counts as this many).
+    secagg_weight_norm: int = 1000
     # Sparse updates on a round-shared index set (FLASC-style), with error feedback on devices.
     density: float = 1.0  # fraction of adapter coordinates sent per round; 1.0 = dense
     # random (seeded random-k: measured best, benchmarks/README.md), topk (global: from the masked
@@ -161,6 +172,10 @@ class AggregatorConfig:
         require(0 <= self.value_bits <= 31, f"value_bits must be in 0..31 (0 = finest), got {self.value_bits}")
         require(self.secagg_threshold == 0 or self.secagg_threshold >= 2, "secagg_threshold must be 0 (auto) or >= 2")
         require(self.key_timeout_s > 0, "key_timeout_s must be > 0")
+        require(self.secagg_weight_norm >= 1, f"secagg_weight_norm must be >= 1, got {self.secagg_weight_norm}")
+        require(self.insecure or not self.secagg or self.authority is not None,
+                "secagg needs authority (the fleet authority's public key, fl-authority keygen): without it devices "
+                "cannot tell a peer's key advert from one the aggregator forged")
         require(self.protocol in ("auto", "5", "3.1.1"), f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
         require(self.server_optimizer in ("fedavg", "fedavgm", "fedadam"),
                 f"server_optimizer must be fedavg, fedavgm or fedadam, got {self.server_optimizer!r}")

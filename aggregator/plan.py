@@ -39,13 +39,16 @@ def secagg_spec(c: AggregatorConfig, participants: list[str], online: dict[str, 
     n = len(participants)
     kk = secagg.graph.neighbourhood_size(n)
     t = min(c.secagg_threshold or secagg.default_threshold(n), kk)
+    if 2 * t <= kk:
+        raise secagg.SecAggAbort(f"threshold {t} is not more than half of the neighbourhood of {kk}: devices would refuse "
+                                 f"it; raise secagg_threshold or leave it 0 (2/3 of each neighbourhood)")
     try:
         ring_bits, value_bits = update_codec.ring_for(n, c.value_bits)
     except ConfigError as e:
         raise secagg.SecAggAbort(str(e)) from e
     return M.SecAggSpec(node_ids=tuple(range(n)), threshold=t, graph_seed=os.urandom(32), clip=c.clip,
                         ring_bits=ring_bits, value_bits=value_bits,
-                        weight_norm=max(1, max(online.get(d, 1) for d in participants)),
+                        weight_norm=c.secagg_weight_norm,
                         sketch_block=c.sketch_block if method != "dense" else 0)
 
 
@@ -60,3 +63,29 @@ def round_spec(c: AggregatorConfig, rnd: int, participants: list[str], *, global
                        learning_rate=c.learning_rate, lora=lora, base_digest=digest,
                        deadline_s=c.round_timeout_s, seed=seed, adapter=tensors.pack(global_state),
                        sparse=sp, secagg=sa)
+
+
+# Sealing adds an ephemeral key, nonce, tag, signature and the envelope's fields: well under this.
+SEAL_OVERHEAD = 4096
+
+
+def upload_cap(spec: M.RoundSpec, global_state: dict[str, np.ndarray]) -> int:
+    """The largest sealed update a participant of this round can honestly send, in bytes.
+
+    Computed from the round's own shape (what the update message encodes to with the biggest
+    field values), so a manifest announcing more is refused before any chunk arrives.
+    """
+    sp, sa = spec.sparse, spec.secagg
+    common = dict(round=spec.round, device_id="d" * 64, seq=2**63 - 1, num_examples=2**31 - 1, steps=2**31 - 1,
+                  train_loss=0.0, base_digest=spec.base_digest)
+    if sa is not None:
+        k = update_codec.secagg_dim(sp, sa)
+        msg: M.Message = M.MaskedUpdate(masked=bytes(sparse.ring_bytes(k, sa.ring_bits)), **common)  # type: ignore[arg-type]
+    elif sp.method == "dense":
+        msg = M.Update(payload="delta", tensors=tensors.pack(global_state), **common)  # type: ignore[arg-type]
+    else:
+        width = 2 if sp.value_dtype == "float16" else 4
+        per = width + (5 if sp.method == "device_topk" else 0)  # values, plus a varint index each at most
+        msg = M.SparseUpdate(encoding="topk" if sp.method == "device_topk" else "shared", values=bytes(per * sp.k + 1024),
+                             **common)  # type: ignore[arg-type]
+    return len(M.encode(msg)) + SEAL_OVERHEAD

@@ -45,7 +45,8 @@ class RoundRecord:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     bytes_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
-    train_loss: dict[str, float] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)  # per device: plain rounds only
+    fleet_train_loss: float | None = None  # weighted mean; under secure aggregation from the masked tail
     sparse: dict[str, Any] | None = None
     secagg: bool = False
     abandon_reason: str | None = None
@@ -71,7 +72,8 @@ class RoundRecord:
                              "participants": self.participants, "received": self.received, "dropped": self.dropped,
                              "rejected_messages": self.rejected_messages, "bytes_up": self.bytes_up,
                              "bytes_down": self.bytes_down, "bytes_by_kind": self.bytes_by_kind,
-                             "train_loss": self.train_loss, "sparse": self.sparse, "secagg": self.secagg,
+                             "train_loss": self.train_loss, "fleet_train_loss": self.fleet_train_loss,
+                             "sparse": self.sparse, "secagg": self.secagg,
                              "wire_bytes_note": WIRE_NOTE}
         if self.abandon_reason is not None:
             d["abandon_reason"] = self.abandon_reason
@@ -92,7 +94,8 @@ class RoundRecord:
             received=list(d.get("received", [])), dropped=list(d.get("dropped", [])),
             rejected_messages=int(d.get("rejected_messages", 0)), bytes_up=dict(d.get("bytes_up", {})),
             bytes_down=dict(d.get("bytes_down", {})), bytes_by_kind=dict(d.get("bytes_by_kind", {})),
-            train_loss=dict(d.get("train_loss", {})), sparse=d.get("sparse"), secagg=bool(d.get("secagg", False)),
+            train_loss=dict(d.get("train_loss", {})), fleet_train_loss=d.get("fleet_train_loss"),
+            sparse=d.get("sparse"), secagg=bool(d.get("secagg", False)),
             abandon_reason=d.get("abandon_reason"),
             teacher=ModelEvals.from_json(d["teacher"]) if d.get("teacher") else None,
             distil=d.get("distil"), time_s=float(d.get("time_s", 0.0)))

@@ -1,4 +1,5 @@
-"""The SecAgg+ stage driver: advertise keys, share keys, masked inputs, unmask; the mean only.
+"""The SecAgg+ stage driver, hardened (``shared.secagg.hardened``): signed adverts, share keys,
+masked inputs, the consistency check, unmask; the mean only.
 
 Masked vectors are folded into one running sum as they arrive and never stored; only the
 unmasked sum of the survivors exists, and only if at least t survive. What comes out is the
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from aggregator.strategy import Reply
 from shared import messages as M
 from shared import secagg, sparse, update_codec
 from shared.errors import ReplayError, SchemaError
+from shared.secagg import hardened
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,7 @@ class SecureResult:
     mean: dict[str, np.ndarray]  # weighted mean delta of the contributors, adapter-shaped
     contributors: list[str]
     sketch: np.ndarray | None  # summed per-coordinate magnitude sketch / weight (global top-k)
+    train_loss: float  # the contributors' weighted mean training loss (from the masked tail)
 
 
 def fold_masked(b: RoundBook, device: str, up: M.MaskedUpdate) -> Reply:
@@ -39,10 +44,10 @@ def fold_masked(b: RoundBook, device: str, up: M.MaskedUpdate) -> Reply:
         raise SchemaError(f"masked update from {device} has {len(up.masked)} bytes, expected "
                           f"{sparse.ring_bytes(k, sa.ring_bits)}")
     node = b.node_of[device]
-    if node not in b.sa.u2:
+    if node not in b.sa.inner.u2:
         raise ReplayError(f"{device} did not finish the key exchange of round {b.rnd}")
     y = sparse.unpack_ring(up.masked, sa.ring_bits, k)
-    b.sa = secagg.server_add_masked(b.sa, secagg.MaskedInput(b.rnd, node, y.astype("<u4", copy=False).tobytes()))
+    b.sa = hardened.server_add_masked(b.sa, secagg.MaskedInput(b.rnd, node, y.astype("<u4", copy=False).tobytes()))
     return Reply(device, up.num_examples, {})
 
 
@@ -52,39 +57,64 @@ def _relay(col: Collector, b: RoundBook, out: dict[int, object]) -> None:
         col.send_to(dev_of[node], "secagg", M.SecAggMsg(round=b.rnd, device_id=dev_of[node], body=secagg.encode(msg)))  # type: ignore[arg-type]
 
 
-def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: float, quorum: int) -> SecureResult | None:
-    """Stages 0-3 of SecAgg+; None below quorum. Raises SecAggAbort below the threshold."""
+def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: float, quorum: int,
+        authority: Any, certs: Mapping[str, bytes]) -> SecureResult | None:
+    """The SecAgg+ stages; None below quorum. Raises SecAggAbort below the threshold.
+
+    With ``authority`` (the fleet authority's public key; ``certs`` the enrolled devices'
+    certificates, which adverts must carry byte for byte) the round is hardened against an
+    aggregator that deviates. Without it (``insecure`` configs only) it is the semi-honest round.
+    """
     assert b.spec is not None and b.spec.secagg is not None and b.idx is not None
     spec, sa = b.spec, b.spec.secagg
     b.node_of = dict(zip(spec.participants, sa.node_ids))
     dev_of = {n: d for d, n in b.node_of.items()}
     params = secagg.SecAggParams(round_id=b.rnd, node_ids=sa.node_ids, threshold=sa.threshold,
                                  dim=update_codec.secagg_dim(spec.sparse, sa), graph_seed=sa.graph_seed)
-    b.sa = secagg.server_init(params)
     b.accept = lambda device, up: fold_masked(b, device, up)
-    got = col.collect("advertise", set(spec.participants), key_timeout_s)
-    b.sa, out = secagg.server_collect_keys(b.sa, got.values())
+    if authority is None:
+        b.hardened = False
+        b.sa = hardened.HardenedServer(secagg.server_init(params))
+        got = col.collect("advertise", set(spec.participants), key_timeout_s)
+        inner, keys = secagg.server_collect_keys(b.sa.inner, got.values())
+        b.sa = replace(b.sa, inner=inner)
+        _relay(col, b, keys)
+    else:
+        b.sa = hardened.server_init(params)
+        got = col.collect("advertise", set(spec.participants), key_timeout_s)
+        b.sa, keys = hardened.server_collect_adverts(b.sa, got.values(), hardened.Identity(dev_of, authority), certs)
+        _relay(col, b, keys)
+    got = col.collect("share", {dev_of[u] for u in keys}, key_timeout_s)
+    b.sa, out = hardened.server_collect_shares(b.sa, got.values())
     _relay(col, b, out)
-    got = col.collect("share", {dev_of[u] for u in out}, key_timeout_s)
-    b.sa, out = secagg.server_collect_shares(b.sa, got.values())
-    _relay(col, b, out)
-    col.collect("update", {dev_of[u] for u in b.sa.u2}, b.deadline - time.monotonic())
+    col.collect("update", {dev_of[u] for u in b.sa.inner.u2}, b.deadline - time.monotonic())
     if len(b.replies) < quorum:
         return None
-    b.sa, req = secagg.server_request_unmask(b.sa)
-    _relay(col, b, {u: secagg.unmask_request_for(req, u) for u in b.sa.u3})
-    got = col.collect("unmask", {dev_of[u] for u in b.sa.u3}, key_timeout_s)
-    res = secagg.server_unmask(b.sa, got.values())
+    if authority is None:
+        inner, req = secagg.server_request_unmask(b.sa.inner)
+        b.sa = replace(b.sa, inner=inner)
+        asked = {u: secagg.unmask_request_for(req, u) for u in inner.u3}
+    else:
+        b.sa, creq = hardened.server_request_consistency(b.sa)
+        _relay(col, b, creq)
+        got = col.collect("consistency", {dev_of[u] for u in creq}, key_timeout_s)
+        b.sa, asked = hardened.server_collect_consistency(b.sa, got.values())  # type: ignore[assignment]
+    _relay(col, b, asked)
+    got = col.collect("unmask", {dev_of[u] for u in asked}, key_timeout_s)
+    res = hardened.server_unmask(b.sa, got.values())
     b.sa = None  # the accumulator now holds the sum; nothing else about single devices remains
     contributors = [dev_of[u] for u in res.contributors]
     total = update_codec.reduce_ring(res.total, sa.ring_bits)
     summed = secagg.dequantize_sum(total, update_codec.quant_config(sa), len(contributors))
-    weight = sum(update_codec.weight(b.replies[d].num_examples, sa.weight_norm) for d in contributors)
-    k = spec.sparse.k
+    k, sl = spec.sparse.k, update_codec.sketch_len(spec.sparse, sa)
+    # The weights arrive masked like the values: only their sum exists here.
+    weight, weighted_loss = update_codec.untail(summed[k + sl :], sa.clip)
+    if weight <= 0:
+        raise secagg.SecAggAbort(f"the contributors' summed weight is {weight:.3g}: nothing to average")
     sketch = None
     if sa.sketch_block:
         # Where the fleet's unsent mass is (a sum over devices, like everything else we learn).
-        sketch = update_codec.expand_blocks(summed[k:] / weight, sa.sketch_block, spec.sparse.dim)
+        sketch = update_codec.expand_blocks(summed[k : k + sl] / weight, sa.sketch_block, spec.sparse.dim)
     mean = sparse.scatter((summed[:k] / weight).astype(np.float32), b.idx, spec.sparse.dim)
     b.received = contributors
-    return SecureResult(sparse.unflatten(mean, layout), contributors, sketch)
+    return SecureResult(sparse.unflatten(mean, layout), contributors, sketch, weighted_loss / weight)

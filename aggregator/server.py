@@ -74,6 +74,8 @@ class Aggregator:
         self.strategy = make_strategy(cfg.server_optimizer, server_lr=cfg.server_lr, clients_per_round=cfg.clients_per_round,
                                       seed=cfg.seed, momentum=cfg.server_momentum, beta2=cfg.server_beta2, tau=cfg.server_tau)
         keys, pubkeys = None, {}
+        self.authority: Any = None
+        self.certs: dict[str, bytes] = {}
         if cfg.insecure:
             log.warning("SECURITY OFF (insecure = true): updates are accepted unencrypted and unsigned, and "
                         "announcements go unsigned. Debug use only.")
@@ -89,6 +91,16 @@ class Aggregator:
             enrolled = set(cfg.devices or pubkeys)
             if not enrolled:
                 raise ConfigError(f"no devices enrolled in {cfg.registry}: run `fl-agg enroll DEVICE_ID PUBKEY_FILE`")
+            if cfg.authority is not None:
+                from shared.crypto import load_public_keys
+
+                self.authority = load_public_keys(cfg.authority)
+                self.certs = registry.certificates(cfg.registry)
+                if cfg.secagg:
+                    uncertified = sorted(enrolled - set(self.certs))
+                    if uncertified:
+                        log.warning("devices %s are enrolled without a certificate: they cannot pass secure "
+                                    "aggregation (fl-authority certify, then fl-agg enroll --cert --replace)", uncertified)
         self.col = Collector(enrolled=enrolled, keys=keys, pubkeys=pubkeys, chunk_bytes=cfg.chunk_bytes, out_dir=self.out,
                              keep_received=cfg.keep_received, accept_plain=self._accept_plain)
         self.eval_examples = load_eval(cfg.eval_data, cfg.eval_max_per_family)
@@ -102,7 +114,8 @@ class Aggregator:
         self.scores: np.ndarray | None = None  # momentum of aggregate magnitudes, for global top-k
         self.sketch: np.ndarray | None = None  # last round's summed magnitude sketch (secure aggregation)
         if cfg.secagg:
-            log.info("secure aggregation on: the aggregator learns only the sum of each round's updates")
+            log.info("secure aggregation on%s: the aggregator learns only the sum of each round's updates",
+                     " (hardened: certified adverts, consistency check)" if self.authority is not None else " (semi-honest)")
         else:
             log.warning("secure aggregation OFF (secagg = false): the aggregator sees each device's update")
 
@@ -135,8 +148,8 @@ class Aggregator:
     def digest(self, d: str) -> None:
         self.col.digest = d
 
-    def dispatch(self, topic: str, payload: bytes, wire_bytes: int) -> None:
-        self.col.dispatch(topic, payload, wire_bytes)
+    def dispatch(self, topic: str, payload: bytes, wire_bytes: int, retain: bool = False) -> None:
+        self.col.dispatch(topic, payload, wire_bytes, retain)
 
     def drain(self) -> None:
         self.col.drain()
@@ -207,9 +220,11 @@ class Aggregator:
         """The new global adapter, or None when the round does not count."""
         assert b.spec is not None
         if b.spec.secagg is not None:
-            res = secure_round.run(self.col, b, self.layout, self.cfg.key_timeout_s, self.cfg.quorum)
+            res = secure_round.run(self.col, b, self.layout, self.cfg.key_timeout_s, self.cfg.quorum, self.authority,
+                                   self.certs)
             if res is None:
                 return None
+            b.fleet_train_loss = res.train_loss
             if res.sketch is not None:
                 self.sketch = res.sketch
                 np.save(self.out / "sparse_sketch.npy", self.sketch, allow_pickle=False)
@@ -221,6 +236,8 @@ class Aggregator:
                 return None
             replies = list(b.replies.values())
             new = self.strategy.aggregate(self.global_state, replies)
+            total = sum(r.num_examples for r in replies)
+            b.fleet_train_loss = sum(r.num_examples * b.train_loss[r.device_id] for r in replies) / total
             mean = weighted_mean(replies) if self.cfg.sparse_method == "topk" else {}
         if self.cfg.sparse_method == "topk" and self.cfg.density < 1.0:
             self.scores = sparse.update_scores(self.scores, sparse.flatten(mean, self.layout), self.cfg.topk_beta)
@@ -242,6 +259,7 @@ class Aggregator:
                                      lora=self.lora, digest=self.digest, online=self.online, scores=self.scores,
                                      sketch=self.sketch)
             b.idx = update_codec.round_indices(b.spec.sparse)
+            b.max_upload = plan.upload_cap(b.spec, self.global_state)
             # announce, collect, aggregate
             self._announce(b)
             new = self._collect_and_aggregate(b)
@@ -272,6 +290,7 @@ class Aggregator:
             teacher=teacher, participants=participants, received=sorted(received),
             dropped=sorted(set(participants) - set(received)), rejected_messages=b.rejected, bytes_up=b.bytes_up,
             bytes_down=b.bytes_down, bytes_by_kind=b.bytes_by_kind, train_loss=b.train_loss,
+            fleet_train_loss=b.fleet_train_loss if new is not None else None,
             sparse={"method": sp.method, "k": sp.k, "dim": sp.dim} if sp else None,
             secagg=b.spec is not None and b.spec.secagg is not None, abandon_reason=reason if new is None else None,
             distil=distil, time_s=round(time.monotonic() - t0, 3))
@@ -283,7 +302,8 @@ class Aggregator:
         from shared import topics
 
         c = self.cfg
-        self.link = MqttLink("aggregator", c.broker, username=c.username, password=c.password, ca_file=c.ca_file, protocol=c.protocol)
+        self.link = MqttLink("aggregator", c.broker, username=c.username, password=c.password, ca_file=c.ca_file, protocol=c.protocol,
+                             allow_plaintext_password=c.allow_plaintext_password)
         self.link.connect()
         self.link.subscribe(topics.up_filter())
 

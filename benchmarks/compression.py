@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     # Many short rounds (20 x 10 local steps, the usual federated regime) rather than the demo's 6 x 40:
     # sparse updates with error feedback trade rounds for bytes, so a 6-round run mostly measures
     # how much of the first round's delta got through.
+    # mode fedit: this compares update paths, so nothing else may move the student between rounds.
     common: dict[str, Any] = dict(devices=base.devices, rounds=20, local_steps=10,
                                   examples_per_family=base.examples_per_family, eval_per_family=100,
-                                  seed=0, round_timeout_s=600.0)
+                                  seed=0, round_timeout_s=600.0, mode="fedit")
     pretrain = base.pretrain_steps
     configs = FULL
     if a.quick:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="flm-compression-"))
     seeds = list(range(a.seeds))
     t0 = time.monotonic()
-    student = build_default(work / "models", seed=0, pretrain_steps=pretrain)["student"]
+    student = build_default(work / "models", seed=0, pretrain_steps=pretrain, teacher_pretrain_steps=0)["student"]
     results = []
     for i, (name, extra) in enumerate(configs):
         runs = []

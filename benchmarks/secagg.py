@@ -56,7 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.secagg import graph, messages, protocol, quant  # noqa: E402
+from shared.secagg import graph, hardened, messages, protocol, quant  # noqa: E402
 
 log = logging.getLogger("benchmarks.secagg")
 CLIP = 8.0  # Flower's default clipping range; both sides use it
@@ -275,6 +275,131 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
     live = [u for u in timed if u not in dropped]
     return {"client_s": float(np.mean([ctime[u] for u in live])), **server_fields(stats),
             "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
+            "max_abs_err_sum": err, "error_bound_sum": bound, "threshold": p.threshold,
+            "k": graph.neighbourhood_size(n), "clients_timed": len(live)}
+
+
+# -------------------------------------------------------------------------------- ours, hardened
+
+
+class HardenedOursServer(OursServer):
+    """The hardened round's server stages (``shared.secagg.hardened``): it checks every advert's
+    signature (its certificate byte-equal to the enrolled one) and relays the consistency round."""
+
+    def __init__(self, p: protocol.SecAggParams, cfg: quant.QuantConfig, device_of: dict[int, str],
+                 authority_pub: Any, certs: dict[str, bytes]) -> None:
+        super().__init__(p, cfg)
+        self.ident = hardened.Identity(device_of, authority_pub)
+        self.certs = certs
+
+    def init(self) -> None:
+        self.state = hardened.server_init(self.p)
+
+    def collect_keys(self, adv: list[Any]) -> Any:
+        self.state, nk = hardened.server_collect_adverts(self.state, adv, self.ident, self.certs)
+        return nk
+
+    def collect_shares(self, sk: list[messages.ShareKeys]) -> Any:
+        self.state, fwd = hardened.server_collect_shares(self.state, sk)
+        return fwd
+
+    def add_masked(self, y: messages.MaskedInput) -> None:
+        self.state = hardened.server_add_masked(self.state, y)
+
+    def request_consistency(self) -> Any:
+        self.state, req = hardened.server_request_consistency(self.state)
+        return req
+
+    def collect_consistency(self, sigs: list[Any]) -> Any:
+        self.state, out = hardened.server_collect_consistency(self.state, sigs)
+        return out
+
+    def unmask(self, replies: list[messages.UnmaskShares]) -> None:
+        res = hardened.server_unmask(self.state, replies)
+        self.result = quant.dequantize_sum(res.total, self.cfg, len(res.contributors)), len(res.contributors)
+
+
+def run_hardened(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | None) -> dict[str, Any]:
+    from shared import authority, crypto
+
+    ids = list(range(1, n + 1))
+    p = protocol.SecAggParams(round_id=1, node_ids=tuple(ids), threshold=protocol.default_threshold(n), dim=d,
+                              graph_seed=os.urandom(32))
+    cfg = quant.QuantConfig(clip=CLIP, n_summands=n)
+    dropped = pick_dropouts(ids, drop_frac, seed)
+    auth = crypto.generate_keys()
+    device_of = {u: f"dev-{u}" for u in ids}
+    dkeys = {u: crypto.generate_keys() for u in ids}
+    certs = {u: authority.certify(device_of[u], dkeys[u].public, auth).blob for u in ids}
+    idents = {u: hardened.Identity(device_of, auth.public, dkeys[u], certs[u]) for u in ids}
+    ctime = {u: 0.0 for u in ids}
+    up = {u: 0 for u in ids}
+    down = {u: 0 for u in ids}
+
+    def client(u: int, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        ctime[u] += time.perf_counter() - t0
+        return out
+
+    with ServerProcess(HardenedOursServer, buf_bytes=4 * d + 2**16, p=p, cfg=cfg, device_of=device_of,
+                       authority_pub=auth.public, certs={device_of[u]: c for u, c in certs.items()}) as srv:
+        srv("init")
+        states, adv = {}, []
+        for u in ids:
+            states[u], m = client(u, hardened.client_advertise, p, u, idents[u])
+            up[u] += len(messages.encode(m))
+            adv.append(m)
+        nk = srv("collect_keys", adv)
+        sk = []
+        for u in ids:
+            down[u] += len(messages.encode(nk[u]))
+            states[u], m = client(u, hardened.client_share_keys, states[u], nk[u], idents[u])
+            up[u] += len(messages.encode(m))
+            sk.append(m)
+        fwd = srv("collect_shares", sk)
+        del adv, nk, sk
+        true_sum = np.zeros(d, dtype=np.float64)
+        for u in ids:
+            if u in dropped:
+                continue
+            down[u] += len(messages.encode(fwd[u]))
+            x = make_input(u, d, seed)
+            true_sum += np.clip(x, -CLIP, CLIP)
+
+            def stage2(st: Any, fw: messages.ForwardedShares, x: np.ndarray = x, u: int = u):
+                return hardened.client_masked_input(st, fw, quant.quantize(x, cfg, seed=u))
+
+            states[u], y = client(u, stage2, states[u], fwd[u])
+            up[u] += len(messages.encode(y))
+            srv("add_masked", y)
+            del y
+        creq = srv("request_consistency")
+        sigs = []
+        for u, r in creq.items():
+            down[u] += len(messages.encode(r))
+            states[u], sg = client(u, hardened.client_consistency, states[u], r, idents[u])
+            up[u] += len(messages.encode(sg))
+            sigs.append(sg)
+        ureq = srv("collect_consistency", sigs)
+        replies = []
+        for u, r in ureq.items():
+            down[u] += len(messages.encode(r))
+            states[u], a = client(u, hardened.client_unmask, states[u], r, idents[u])
+            up[u] += len(messages.encode(a))
+            replies.append(a)
+        srv("unmask", replies)
+        stats = srv.stats()
+        got, n_contrib = srv("take_result")
+    err = float(np.abs(got - true_sum).max())
+    bound = quant.error_bound(cfg, n_contrib)
+    if err > bound:
+        raise AssertionError(f"hardened: unmasked sum off by {err} > bound {bound}")
+    timed = [u for u in ids if (sample is None or u in sample)]
+    live = [u for u in timed if u not in dropped]
+    return {"client_s": float(np.mean([ctime[u] for u in live])), **server_fields(stats),
+            "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
+            "down_bytes_per_device": float(np.mean([down[u] for u in ids if u not in dropped])),
             "max_abs_err_sum": err, "error_bound_sum": bound, "threshold": p.threshold,
             "k": graph.neighbourhood_size(n), "clients_timed": len(live)}
 
@@ -567,6 +692,10 @@ def main() -> None:
             t0 = time.perf_counter()
             row["ours"] = run_ours(n, d, frac, args.seed, sample)
             log.info("n=%d drop=%.0f%% ours done in %.1f s: %s", n, 100 * frac, time.perf_counter() - t0, row["ours"])
+            t0 = time.perf_counter()
+            row["hardened"] = run_hardened(n, d, frac, args.seed, sample)
+            log.info("n=%d drop=%.0f%% hardened done in %.1f s: %s", n, 100 * frac, time.perf_counter() - t0,
+                     row["hardened"])
             if why_not is None:
                 t0 = time.perf_counter()
                 row["flower"] = run_flower(n, d, frac, args.seed, sample)
@@ -575,17 +704,22 @@ def main() -> None:
             rows.append(row)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))  # after every row, so a cut-off run keeps what it did
-    heads = ["n", "drop", "client s ours", "flower", "ratio", "server s ours", "flower", "ratio",
-             "srv MB ours", "flower", "ratio", "B/dev ours", "flower", "ratio", "flower MB computed"]
-    widths = [5, 5, 13, 8, 6, 13, 8, 6, 11, 8, 6, 11, 10, 6, 18]
+    heads = ["n", "drop", "client s ours", "hardened", "flower", "ratio", "server s ours", "hardened", "x ours", "flower",
+             "ratio", "srv MB ours", "hardened", "flower", "B/dev ours", "hardened", "x ours", "flower", "down B hard"]
+    widths = [5, 5, 13, 9, 8, 6, 13, 9, 7, 8, 6, 11, 9, 8, 11, 10, 7, 10, 11]
     lines = [fmt_row(heads, widths)]
     for r in rows:
-        o, f = r["ours"], r.get("flower")
+        o, h, f = r["ours"], r["hardened"], r.get("flower")
         cols = [str(r["n"]), f"{100 * r['drop']:.0f}%"]
-        for key, spec in (("client_s", ".4f"), ("server_s", ".2f"), ("server_peak_mb", ".1f"), ("bytes_per_device", ".0f")):
-            cols.append(format(o[key], spec))
-            cols += [format(f[key], spec), f"{o[key] / f[key]:.2f}"] if f else ["-", "-"]
-        cols.append(format(f["server_peak_mb_computed"], ".1f") if f else "-")
+        cols += [format(o["client_s"], ".4f"), format(h["client_s"], ".4f")]
+        cols += [format(f["client_s"], ".4f"), f"{h['client_s'] / f['client_s']:.2f}"] if f else ["-", "-"]
+        cols += [format(o["server_s"], ".2f"), format(h["server_s"], ".2f"), f"{h['server_s'] / o['server_s']:.2f}"]
+        cols += [format(f["server_s"], ".2f"), f"{h['server_s'] / f['server_s']:.3f}"] if f else ["-", "-"]
+        cols += [format(o["server_peak_mb"], ".1f"), format(h["server_peak_mb"], ".1f"),
+                 format(f["server_peak_mb"], ".1f") if f else "-"]
+        cols += [format(o["bytes_per_device"], ".0f"), format(h["bytes_per_device"], ".0f"),
+                 f"{h['bytes_per_device'] / o['bytes_per_device']:.4f}", format(f["bytes_per_device"], ".0f") if f else "-",
+                 format(h["down_bytes_per_device"], ".0f")]
         lines.append(fmt_row(cols, widths))
     table = "\n".join(lines)
     report["table"] = table

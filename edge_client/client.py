@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from edge_client import update_builder
 from edge_client.budget import BudgetExceeded, check_model, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
-from shared import secagg, secure, sparse, tensors, topics, update_codec
+from shared import authority, secagg, secure, sparse, tensors, topics, update_codec
+from shared.secagg import hardened
 from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, UploadJournal, decode_frame
 from shared.crypto import load_private_keys, load_public_keys
 from shared.datasets import Example, load_file
@@ -43,6 +45,9 @@ class EdgeClient:
         self.work.mkdir(parents=True, exist_ok=True)
         self.keys = load_private_keys(cfg.keys) if cfg.keys and not cfg.insecure else None
         self.agg_pub = load_public_keys(cfg.aggregator_keys) if cfg.aggregator_keys and not cfg.insecure else None
+        # Hardened secure aggregation: the pinned fleet authority and this device's certificate.
+        self.authority = load_public_keys(cfg.authority_keys) if cfg.authority_keys and not cfg.insecure else None
+        self.cert = authority.load(cfg.cert).blob if cfg.cert and not cfg.insecure else b""
         if cfg.insecure:
             log.warning("%s: SECURITY OFF (insecure = true): updates go unencrypted and unsigned, "
                         "announcements are not verified. Debug use only.", cfg.device_id)
@@ -59,8 +64,10 @@ class EdgeClient:
         self.last_round = -1
         # Secure-aggregation round in progress: its spec and the protocol state between stages.
         self.sa_spec: M.RoundSpec | None = None
-        self.sa_state: secagg.ClientState | None = None
+        self.sa_state: hardened.HardenedClient | None = None
+        self.sa_ident: hardened.Identity | None = None
         self.residual = self._load_residual()
+        self.last_train: Any = None  # the last round's fl_lm.train.TrainResult (stays on the device)
 
     # -- error feedback ------------------------------------------------------------------------
     def _load_residual(self) -> np.ndarray | None:
@@ -164,8 +171,10 @@ class EdgeClient:
         return secure.sign_message(msg, round=rnd, device_id=self.cfg.device_id, key=self.keys)
 
     def _status(self, state: str, detail: str = "") -> bytes:
+        # The example count is not announced: status is public (signed, not sealed), and under
+        # secure aggregation the aggregator must learn weights only as a sum.
         st = M.DeviceStatus(device_id=self.cfg.device_id, state=state, profile=self.profile.name,  # type: ignore[arg-type]
-                            num_examples=len(self.examples), detail=detail)
+                            num_examples=0, detail=detail)
         return self._wrap(st, 0, sealed=False)
 
     def _unwrap(self, data: bytes, expect: type[M.Message], device_id: str, check_round: Any) -> M.Message:
@@ -203,7 +212,8 @@ class EdgeClient:
 
         c = self.cfg
         self.link = MqttLink(c.device_id, c.broker, username=c.username, password=c.password, ca_file=c.ca_file,
-                             protocol=c.protocol, will=(topics.up(c.device_id, "status"), self._status("offline", "connection lost")))
+                             protocol=c.protocol, will=(topics.up(c.device_id, "status"), self._status("offline", "connection lost")),
+                             allow_plaintext_password=c.allow_plaintext_password)
         self.link.connect(c.connect_timeout_s)
         self.link.subscribe(topics.bcast_filter())
         self.link.subscribe(topics.down_filter(c.device_id))
@@ -270,6 +280,13 @@ class EdgeClient:
             log.warning("%s: secure aggregation of round %s aborted: %s", me, self.last_round, e)
             self.sa_spec = self.sa_state = None
             return True
+        except hardened.PeerVerificationError as e:
+            # A peer's advert that does not verify, or survivors nobody agrees on: the aggregator
+            # (or someone on its path) is not following the protocol. Keep the secrets, leave.
+            log.error("%s: refusing secure aggregation of round %s: %s", me, self.last_round, e)
+            self.sa_spec = self.sa_state = None
+            self.publish_status("declined", f"refused: {e}")
+            return True
         except ProtocolError as e:
             log.warning("%s: rejected message on %s: %s: %s", me, topic, type(e).__name__, e)
             return True
@@ -323,7 +340,17 @@ class EdgeClient:
         node = sa.node_ids[spec.participants.index(self.cfg.device_id)]
         params = secagg.SecAggParams(round_id=spec.round, node_ids=sa.node_ids, threshold=sa.threshold,
                                      dim=update_codec.secagg_dim(spec.sparse, sa), graph_seed=sa.graph_seed)
-        self.sa_state, adv = secagg.client_advertise(params, node)
+        if self.cfg.insecure:
+            inner, adv = secagg.client_advertise(params, node)  # semi-honest: nothing to sign with
+            self.sa_state = hardened.HardenedClient(inner, None)  # type: ignore[arg-type]
+            self.sa_ident = None
+        else:
+            if self.authority is None or not self.cert:
+                raise ConfigError("no fleet-authority key or certificate (authority_keys, cert): this device cannot "
+                                  "check its peers, so it does not take part in secure aggregation")
+            self.sa_ident = hardened.Identity(device_of=dict(zip(sa.node_ids, spec.participants)), authority=self.authority,
+                                              keys=self.keys, cert=self.cert)
+            self.sa_state, adv = hardened.client_advertise(params, node, self.sa_ident)  # type: ignore[assignment]
         self.sa_spec = spec
         self._send_secagg(spec.round, secagg.encode(adv))
         log.info("%s: round %d secure aggregation as node %d (t=%d, %d coordinates)", self.cfg.device_id, spec.round,
@@ -333,20 +360,40 @@ class EdgeClient:
         spec, state = self.sa_spec, self.sa_state
         assert spec is not None and state is not None
         inner = secagg.decode(msg.body)
+        ident = self.sa_ident
+        # A device that can check its peers takes only the hardened messages: no downgrade.
+        if ident is not None and isinstance(inner, (secagg.NeighbourKeys, secagg.UnmaskRequest)):
+            raise SchemaError(f"{type(inner).__name__} in a round that must be hardened; refusing")
         if isinstance(inner, secagg.NeighbourKeys):
-            self.sa_state, out = secagg.client_share_keys(state, inner)
+            st, out = secagg.client_share_keys(state.inner, inner)
+            self.sa_state = replace(state, inner=st)
+            self._send_secagg(spec.round, secagg.encode(out))
+        elif isinstance(inner, hardened.SignedKeys):
+            if ident is None:
+                raise SchemaError("signed keys in a semi-honest round")
+            self.sa_state, out = hardened.client_share_keys(state, inner, ident)
             self._send_secagg(spec.round, secagg.encode(out))
         elif isinstance(inner, secagg.ForwardedShares):
             self.masked_round(spec, state, inner)
-        elif isinstance(inner, secagg.UnmaskRequest):
-            self.sa_state, ans = secagg.client_unmask(state, inner)
+        elif isinstance(inner, hardened.ConsistencyRequest):
+            if ident is None:
+                raise SchemaError("consistency request in a semi-honest round")
+            self.sa_state, sig = hardened.client_consistency(state, inner, ident)
+            self._send_secagg(spec.round, secagg.encode(sig))
+        elif isinstance(inner, (secagg.UnmaskRequest, hardened.SignedUnmaskRequest)):
+            if isinstance(inner, hardened.SignedUnmaskRequest):
+                if ident is None:
+                    raise SchemaError("signed unmask request in a semi-honest round")
+                self.sa_state, ans = hardened.client_unmask(state, inner, ident)
+            else:
+                st, ans = secagg.client_unmask(state.inner, inner)
             self._send_secagg(spec.round, secagg.encode(ans))
             self.sa_spec = self.sa_state = None  # this round's secrets are gone
             log.info("%s: round %d unmask shares sent", self.cfg.device_id, spec.round)
         else:
             raise SchemaError(f"unexpected secure-aggregation message {type(inner).__name__} from the aggregator")
 
-    def masked_round(self, spec: M.RoundSpec, state: secagg.ClientState, shares: secagg.ForwardedShares) -> None:
+    def masked_round(self, spec: M.RoundSpec, state: hardened.HardenedClient, shares: secagg.ForwardedShares) -> None:
         """Stage 2: train, build the clipped, sparse, quantized input, mask it, send it sealed."""
         sa = spec.secagg
         assert sa is not None
@@ -359,14 +406,17 @@ class EdgeClient:
             self.publish_status("declined", str(e))
             self.sa_spec = self.sa_state = None
             return
-        built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples))
+        self.last_train = res
+        built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples),
+                                      train_loss=res.mean_loss)
         assert built.x is not None
-        self.sa_state, masked = secagg.client_masked_input(state, shares, built.x)
+        self.sa_state, masked = hardened.client_masked_input(state, shares, built.x)
         self._save_residual(built.residual)
         self._keep(spec.round, built.sent)
         self.seq += 1
-        up = M.MaskedUpdate(round=spec.round, device_id=me, seq=self.seq, num_examples=len(self.examples),
-                            steps=res.steps, train_loss=res.mean_loss, base_digest=self.digest,
+        # Weight and loss travel masked in the vector's tail; the clear fields carry nothing.
+        up = M.MaskedUpdate(round=spec.round, device_id=me, seq=self.seq, num_examples=1,
+                            steps=res.steps, train_loss=0.0, base_digest=self.digest,
                             masked=sparse.pack_ring(np.frombuffer(masked.masked, dtype="<u4"), sa.ring_bits))
         n = self.send_update(up)
         log.info("%s: round %d masked update sent (%d coordinates, %.1f%% clipped at %g, residual norm %.3g, %d bytes on the wire)",

@@ -20,10 +20,16 @@ class EdgeConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    # A password over plain mqtt:// to a host that is not this machine is refused unless this says so.
+    allow_plaintext_password: bool = False
     # Security (on unless ``insecure``): this device's private keys (``fl-edge keygen``) and the
     # aggregator's public keys, pinned here rather than learnt from the network.
     keys: str | None = None
     aggregator_keys: str | None = None
+    # Secure aggregation: the fleet authority's public key (pinned) and this device's certificate
+    # (``fl-authority certify``). Without them the device declines secure rounds.
+    authority_keys: str | None = None
+    cert: str | None = None
     insecure: bool = False
     chunk_bytes: int = 256 * 1024  # largest MQTT payload we send; bigger ones are chunked
     connect_timeout_s: float = 10.0

@@ -2,9 +2,11 @@
 public examples: the training loop both directions of mutual distillation use.
 
 Teacher to student: the learner is the student, the guide the teacher; student to teacher: the
-other way round. With ``selective`` (FedMKT's DualMinCE), a sample's KD term counts only where
-the guide fits that sample's reference better (lower negative log-likelihood of the response)
-than the learner does; the LM term always counts. When the two tokenizers differ, the guide's
+other way round. With ``selective`` (FedMKT's DualMinCE, "greater"), each sample's KD target
+comes from whichever side fits that sample's reference better (lower negative log-likelihood of
+the response): the guide's distribution where the guide is better, and otherwise the learner's
+own distribution as it was when the phase began (a frozen snapshot), which anchors what the
+learner already does well instead of letting the phase wash it out. The LM term always counts. When the two tokenizers differ, the guide's
 top-k distribution at each position is carried over to the learner's vocabulary through the
 MinED map and the DTW alignment of the two tokenizations (``fl_lm.align``); positions without a
 one-to-one match get a one-hot target on the learner's own token.
@@ -41,6 +43,9 @@ class KDSettings:
     batch_size: int = 16
     max_len: int = 128
     selective: bool = True  # DualMinCE: learn from the guide only on samples it fits better
+    # Draw every family of the public set equally often, so a few big families do not pull the
+    # learner away from what the small ones (e.g. a public slice of the fleet's tasks) hold.
+    balance_families: bool = True
 
     def __post_init__(self) -> None:
         require(self.kind in kd.KINDS, f"kd loss must be one of {kd.KINDS}, got {self.kind!r}")
@@ -95,6 +100,9 @@ class Distiller:
 
             self.g2l = torch.as_tensor(m, dtype=torch.long)
         self.pairs: list[_Pair] = []
+        self.families: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            self.families.setdefault(e.family, []).append(i)
         for e in examples:
             ids, labels = encode_example(learner_tok, e, max_len)
             if self.same:
@@ -159,14 +167,41 @@ class Distiller:
         return kd.Target(idx=idx, logp=logp)
 
     # -- training ------------------------------------------------------------------------------
+    def targets(self, guide: Any, anchor: Any, batch: dict[str, Any], s: KDSettings) -> tuple[kd.Target, Any]:
+        """Each sample's KD target and whether it came from the guide: (Target, (B,) float 0/1).
+
+        With an ``anchor`` (selective), a sample takes the guide's distribution only where the
+        guide's negative log-likelihood of the reference is lower than the anchor's; otherwise
+        the anchor's own (top-k truncated the same way). Without one, always the guide's.
+        """
+        import torch
+
+        with torch.no_grad():
+            g_logits = guide(input_ids=batch["g_ids"], attention_mask=batch["g_mask"]).logits.float()  # (B, Tg, Vg)
+            g_nll = kd.sample_ce(g_logits[:, :-1], batch["g_labels"][:, 1:]) * _n_resp(batch["g_labels"])  # (B,)
+            target = self._target(g_logits, batch, s)
+            if anchor is None:
+                return target, torch.ones(batch["ids"].size(0))
+            lab = batch["labels"][:, 1:]
+            a_logits = anchor(input_ids=batch["ids"], attention_mask=batch["mask"]).logits.float()[:, :-1]  # (B, T, V)
+            a_nll = kd.sample_ce(a_logits, lab) * _n_resp(batch["labels"])  # (B,)
+            w = kd.select_other(a_nll, g_nll).float()  # (B,)
+            own = kd.topk_target(a_logits, target.idx.size(-1), s.temperature)
+            pick = w.bool()[:, None, None]  # (B, 1, 1)
+            return kd.Target(idx=torch.where(pick, target.idx, own.idx), logp=torch.where(pick, target.logp, own.logp)), w
+
     def run(self, learner: Any, guide: Any, s: KDSettings, seed: int) -> PhaseStats:
         """``s.steps`` AdamW steps on the learner's trainable (LoRA) weights; the guide is frozen."""
+        import copy
+
         import torch
 
         t0 = time.monotonic()
         params = [p for p in learner.parameters() if p.requires_grad]
         if s.steps == 0 or not params:
             return PhaseStats(0, 0.0, float("nan"), float("nan"), float("nan"), float("nan"), 0.0)
+        # The learner as the phase found it: the self-target of samples it fits better than the guide.
+        anchor = copy.deepcopy(learner).eval() if s.selective else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
         rng = random.Random(seed)
         order: list[int] = []
@@ -174,25 +209,23 @@ class Distiller:
         kds: list[float] = []
         picked = total = 0
         guide.eval()
+        fams = sorted(self.families)
         for _ in range(s.steps):
-            if len(order) < s.batch_size:
-                more = list(range(len(self.pairs)))
-                rng.shuffle(more)
-                order += more * max(1, -(-s.batch_size // len(more)))
-            chosen, order = order[: s.batch_size], order[s.batch_size :]
+            if s.balance_families:
+                chosen = [rng.choice(self.families[rng.choice(fams)]) for _ in range(s.batch_size)]
+            else:
+                if len(order) < s.batch_size:
+                    more = list(range(len(self.pairs)))
+                    rng.shuffle(more)
+                    order += more * max(1, -(-s.batch_size // len(more)))
+                chosen, order = order[: s.batch_size], order[s.batch_size :]
             batch = self._collate([self.pairs[i] for i in chosen])
-            with torch.no_grad():
-                g_logits = guide(input_ids=batch["g_ids"], attention_mask=batch["g_mask"]).logits.float()  # (B, Tg, Vg)
-                g_nll = kd.sample_ce(g_logits[:, :-1], batch["g_labels"][:, 1:]) * _n_resp(batch["g_labels"])  # (B,)
-                target = self._target(g_logits, batch, s)
+            target, w = self.targets(guide, anchor, batch, s)
             learner.train()
             logits = learner(input_ids=batch["ids"], attention_mask=batch["mask"]).logits  # (B, T, Vl)
             lg, lab = logits[:, :-1], batch["labels"][:, 1:]
             lm = kd.lm_loss(lg, lab)
-            with torch.no_grad():
-                l_nll = kd.sample_ce(lg, lab) * _n_resp(batch["labels"])  # (B,)
-            w = kd.select_other(l_nll, g_nll).float() if s.selective else torch.ones(len(chosen))
-            kdl = kd.kd_loss(lg, target, lab, s.kind, s.beta, s.temperature, sample_weight=w)
+            kdl = kd.kd_loss(lg, target, lab, s.kind, s.beta, s.temperature)
             loss = kd.mixed(lm, kdl, s.kd_alpha)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

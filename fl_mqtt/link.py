@@ -40,6 +40,17 @@ class BrokerAddress:
         return BrokerAddress(u.hostname, u.port or (8883 if tls else 1883), tls)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class WireCounter:
     """PUBLISH bytes in each direction, per topic (see ``shared.wire``)."""
@@ -58,6 +69,63 @@ class Incoming:
     topic: str
     payload: bytes
     wire_bytes: int
+    retain: bool = False
+
+
+def _sender(topic: str) -> str:
+    """The device an upload topic belongs to (``flm/v1/up/DEV/...``), else the topic's first levels."""
+    parts = topic.split("/")
+    return parts[3] if len(parts) > 3 and parts[2] == "up" else "/".join(parts[:3])
+
+
+class BoundedInbox:
+    """The callback-to-handler queue, bounded in messages and bytes overall and in bytes per sender.
+
+    A sender (the device an upload topic names) that floods faster than the handler drains only
+    loses its own excess messages; everyone else's still fit. Dropped messages are counted and
+    logged at most once a second.
+    """
+
+    def __init__(self, max_messages: int = 10_000, max_bytes: int = 512 << 20, max_bytes_per_sender: int = 32 << 20) -> None:
+        self.max_messages, self.max_bytes, self.max_per_sender = max_messages, max_bytes, max_bytes_per_sender
+        self._q: queue.Queue[Incoming] = queue.Queue()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._per: dict[str, int] = {}
+        self.dropped = 0
+        self._last_warn = 0.0
+
+    def put(self, inc: Incoming) -> bool:
+        n, who = len(inc.payload), _sender(inc.topic)
+        with self._lock:
+            if (self._q.qsize() >= self.max_messages or self._bytes + n > self.max_bytes
+                    or self._per.get(who, 0) + n > self.max_per_sender):
+                self.dropped += 1
+                now = time.monotonic()
+                if now - self._last_warn > 1.0:
+                    self._last_warn = now
+                    log.warning("inbox full for %s (%d bytes queued from it, %d messages overall): dropped a message "
+                                "on %s (%d dropped so far)", who, self._per.get(who, 0), self._q.qsize(), inc.topic, self.dropped)
+                return False
+            self._bytes += n
+            self._per[who] = self._per.get(who, 0) + n
+        self._q.put(inc)
+        return True
+
+    def get(self, timeout: float | None = None) -> Incoming:
+        inc = self._q.get(timeout=timeout)
+        with self._lock:
+            who = _sender(inc.topic)
+            self._bytes -= len(inc.payload)
+            left = self._per.get(who, 0) - len(inc.payload)
+            if left > 0:
+                self._per[who] = left
+            else:
+                self._per.pop(who, None)
+        return inc
+
+    def qsize(self) -> int:
+        return self._q.qsize()
 
 
 class MqttLink:
@@ -72,16 +140,23 @@ class MqttLink:
         protocol: str = "auto",
         will: tuple[str, bytes] | None = None,
         keepalive: int = 30,
+        allow_plaintext_password: bool = False,
     ) -> None:
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {protocol!r}")
         self.client_id = client_id
         self.addr = BrokerAddress.parse(url)
+        if password and not self.addr.tls and not _is_loopback(self.addr.host):
+            if not allow_plaintext_password:
+                raise LinkError(f"{client_id}: refusing to send a broker password in clear to {self.addr.host} "
+                                f"(mqtt://); use mqtts://, or set allow_plaintext_password = true if you must")
+            log.warning("%s: SENDING THE BROKER PASSWORD IN CLEAR to %s (allow_plaintext_password = true)",
+                        client_id, self.addr.host)
         self.username, self.password, self.ca_file = username, password, ca_file
         self.protocol = protocol
         self.will = will
         self.keepalive = keepalive
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox = BoundedInbox()
         self.counter = WireCounter()
         self.mqtt5 = False
         self._client: Any = None
@@ -110,7 +185,7 @@ class MqttLink:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         n = publish_packet_size(msg.topic, len(msg.payload), msg.qos, self.mqtt5)
         self.counter.add(self.counter.received, msg.topic, n)
-        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), n))
+        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), n, bool(getattr(msg, "retain", False))))
 
     # -- API ----------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:

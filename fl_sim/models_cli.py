@@ -15,18 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fl_lm.build import build_offline_models
+from fl_sim import tasks
 from fl_sim.prepare import PUBLIC_PER_FAMILY, public_examples
 from shared.datasets import Example
 
 # Enough for the student to learn the prompt format and every public token (~30 s on 2 cores);
 # the teacher gets longer, so it knows the public families better than the student base does.
 PRETRAIN_STEPS = 800
-TEACHER_PRETRAIN_STEPS = 1500
+TEACHER_PRETRAIN_STEPS = 2000
+GENERIC_EXAMPLES = 1500  # generated generic text beside the public set (fl_sim.tasks.generic_text)
 
 
 def build_default(out: Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS, public: Sequence[Example] | None = None,
-                  teacher_pretrain_steps: int | None = None, teacher_tokenizer: str = "same") -> dict[str, str]:
+                  teacher_pretrain_steps: int | None = None, teacher_tokenizer: str = "same", generic: bool = True) -> dict[str, str]:
     pub = list(public) if public is not None else public_examples(PUBLIC_PER_FAMILY, seed)
+    if generic:
+        pub += tasks.generic_text(GENERIC_EXAMPLES, seed)  # public text beyond the aggregator's prompts
     t_steps = teacher_pretrain_steps if teacher_pretrain_steps is not None else (TEACHER_PRETRAIN_STEPS if pretrain_steps else 0)
     return build_offline_models(out, [e.prompt + e.output for e in pub], pub, pretrain_steps=pretrain_steps, seed=seed,
                                 teacher_pretrain_steps=t_steps, teacher_tokenizer=teacher_tokenizer)

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1  # of a user's file, kept for evaluation and never trained on
 PUBLIC_FRACTION = 0.1  # of a user's file, held by the aggregator only: its public set
-PUBLIC_PER_FAMILY = 300  # generated public-family examples the aggregator holds
+PUBLIC_PER_FAMILY = 1500  # generated public-family examples the aggregator holds (fewer: the bases memorize them)
 PUBLIC_SLICE = 20  # generated examples per private family that no device holds, in the public set
 
 
@@ -44,8 +44,29 @@ def generated(n_devices: int, per_family: int, eval_per_family: int, split: str,
     return SimData(shards, held, public, pub_held)
 
 
+def _families(path: Path) -> dict[str, list[Example]]:
+    """A file (one family, or the ``family`` field of each record), or a directory of them (a family per file)."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    out: dict[str, list[Example]] = {}
+    for f in files:
+        for e in load_file(f, family=f.stem):
+            out.setdefault(e.family, []).append(e)
+    return out
+
+
+def laid_out(shards_dir: Path, public: Path, eval_data: Path, public_eval: Path | None, n_devices: int) -> SimData:
+    """Data already split: one file per device, the aggregator's public set and held-out sets."""
+    files = sorted(p for p in shards_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if len(files) != n_devices:
+        raise ValueError(f"--data {shards_dir} has {len(files)} files but --devices is {n_devices}: give one file per device")
+    shards = [load_file(f) for f in files]
+    return SimData(shards, _families(eval_data), [e for exs in _families(public).values() for e in exs],
+                   _families(public_eval) if public_eval else {})
+
+
 def user_data(path: Path, n_devices: int, seed: int) -> SimData:
-    """A directory (one file per device) or one file split across devices; 10% of each held out."""
+    """A directory (one file per device) or one file split across devices; 10% of each held out,
+    and another 10% held by the aggregator alone as its public set."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if len(files) != n_devices:
@@ -81,7 +102,7 @@ def public_examples(n: int, seed: int, exclude: Sequence[Example] = (), slice_pe
     seen = {(e.instruction, e.input) for e in exclude}
     for f in tasks.PRIVATE_FAMILIES:
         cands = tasks.generate(f, 20 * slice_per_family, seed + 2)
-        picked = [e for e in cands if f == "facts" or (e.instruction, e.input) not in seen][:slice_per_family]
+        picked = [e for e in cands if f in tasks.TABLE_FAMILIES or (e.instruction, e.input) not in seen][:slice_per_family]
         out.extend(picked)
     return out
 

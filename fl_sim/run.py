@@ -34,13 +34,20 @@ class SimSettings:
     broker_mode: str = "embedded"  # embedded (amqtt, no TLS) or mosquitto (TLS, passwords, ACLs)
     insecure: bool = False  # turn off end-to-end encryption and signatures (debug only)
     data: str | None = None  # None: the generated task families
+    # With data already split (``data`` a directory, one file per device): the aggregator's public
+    # set and the held-out sets, instead of carving them out of the devices' files.
+    public_data: str | None = None
+    eval_data: str | None = None
+    public_eval_data: str | None = None
     local_steps: int = 40
     learning_rate: float = 1e-3  # higher rates make LoRA on the tiny student unstable (benchmarks/README.md)
     mode: str = "fedkd"  # fedkd (FedAvg + mutual distillation with the teacher) or fedit (FedAvg only)
     teacher: str | None = None  # teacher id or path; default: the offline teacher built with the student
     teacher_tokenizer: str = "same"  # offline teacher: the student's tokenizer, or its own (metaspace)
     teacher_pretrain_steps: int | None = None  # offline teacher; None: fl_sim.models_cli's default
-    distil_steps: int = 40  # per round and direction (fedkd)
+    distil_steps: int = 20  # per round and direction (fedkd)
+    distil_lr: float = 5e-4  # teacher -> student (fedkd); 1e-3 costs the student part of what the fleet taught it
+    teacher_lr: float = 2.5e-4  # student -> teacher (fedkd); higher rates make the teacher forget public families
     kd_loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
     lora_r: int = 16
     server_optimizer: str = "fedavg"
@@ -83,10 +90,17 @@ class SimSettings:
         require(self.mode in REGISTRY, f"mode must be one of {sorted(REGISTRY)}, got {self.mode!r}")
         require(self.teacher_tokenizer in ("same", "metaspace"), f"teacher_tokenizer must be same or metaspace, got {self.teacher_tokenizer!r}")
         require(self.distil_steps >= 0, f"distil_steps must be >= 0, got {self.distil_steps}")
+        require(self.distil_lr > 0 and self.teacher_lr > 0, "distil_lr and teacher_lr must be > 0")
         require(self.kd_loss in ("forward_kl", "reverse_kl", "jsd"), f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")
         require(1 <= self.lora_r <= 64, f"lora_r must be in 1..64, got {self.lora_r}")
         if self.data is not None:
             require(Path(self.data).exists(), f"--data {self.data}: no such file or directory")
+        for name in ("public_data", "eval_data", "public_eval_data"):
+            v = getattr(self, name)
+            require(v is None or Path(v).exists(), f"--{name.replace('_', '-')} {v}: no such file or directory")
+        require((self.public_data is None) == (self.eval_data is None), "--public-data and --eval-data go together")
+        require(self.public_data is None or (self.data is not None and Path(self.data).is_dir()),
+                "--public-data/--eval-data need --data DIR with one file per device")
 
     @property
     def effective_quorum(self) -> int:
@@ -94,20 +108,29 @@ class SimSettings:
 
 
 def make_keys(keydir: Path, device_ids: list[str]) -> dict[str, str]:
-    """Fresh keys for the aggregator and every device, each device enrolled in the registry."""
+    """Fresh keys for a fleet authority, the aggregator and every device; each device certified by
+    the authority and enrolled, with its certificate, in the registry. (A real fleet keeps the
+    authority's key on another machine: ``fl-authority``.)"""
     from aggregator import registry
+    from shared import authority
     from shared.crypto import generate_keys, save_private_keys, save_public_keys
 
     keydir.mkdir(parents=True, exist_ok=True)
     reg = keydir / "registry.json"
     reg.unlink(missing_ok=True)
-    paths = {}
+    auth = generate_keys()
+    save_private_keys(auth, keydir / "authority.key", overwrite=True)
+    save_public_keys(auth.public, keydir / "authority.pub.json")
+    paths = {"authority_pub": str(keydir / "authority.pub.json")}
     for name in ["aggregator", *device_ids]:
         k = generate_keys()
         paths[name] = str(save_private_keys(k, keydir / f"{name}.key", overwrite=True))
         save_public_keys(k.public, keydir / f"{name}.pub.json")
         if name != "aggregator":
-            registry.enroll(reg, name, k.public)
+            cert = authority.certify(name, k.public, auth)
+            (keydir / f"{name}.cert.json").write_text(cert.to_json())
+            paths[f"{name}_cert"] = str(keydir / f"{name}.cert.json")
+            registry.enroll(reg, name, k.public, cert=cert, authority_keys=auth.public)
     paths["aggregator_pub"] = str(keydir / "aggregator.pub.json")
     paths["registry"] = str(reg)
     return paths
@@ -123,7 +146,9 @@ def _start_mosquitto(fleet: Fleet, out: Path, device_ids: list[str]) -> tuple[st
     if not Path(exe).exists():
         raise RuntimeError("--broker-mode mosquitto needs Mosquitto installed (apt-get install mosquitto)")
     port = _free_port()
-    files = write_broker_config(out / "broker", device_ids, tls=True, port=port, host="127.0.0.1")
+    # A fresh config every run (the simulation's keys are fresh too), with a read-only auditor account.
+    files = write_broker_config(out / "broker", device_ids, tls=True, port=port, host="127.0.0.1", force=True,
+                                observers=["auditor"])
     proc = fleet.start("broker", [exe, "-c", str(files.conf_path)], python=False)
     _wait_port(port, proc)
     logins = {}
@@ -205,7 +230,10 @@ def launch(s: SimSettings) -> Launched:
     for stale in ("metrics.jsonl", "state.json"):
         (out / stale).unlink(missing_ok=True)
     t0 = time.monotonic()
-    if s.data:
+    if s.data and s.public_data and s.eval_data:
+        data = prepare.laid_out(Path(s.data), Path(s.public_data), Path(s.eval_data),
+                                Path(s.public_eval_data) if s.public_eval_data else None, s.devices)
+    elif s.data:
         data = prepare.user_data(Path(s.data), s.devices, s.seed)
     else:
         data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
@@ -218,7 +246,7 @@ def launch(s: SimSettings) -> Launched:
         from fl_sim.models_cli import build_default
 
         log.info("building offline models (tokenizer, student, teacher) from the public set only ...")
-        built = build_default(out / "models", s.seed, s.pretrain_steps, public=data.public,
+        built = build_default(out / "models", s.seed, s.pretrain_steps, public=data.public, generic=not s.data,
                               teacher_pretrain_steps=s.teacher_pretrain_steps, teacher_tokenizer=s.teacher_tokenizer)
         student = student or built["student"]
         teacher = teacher or built["teacher"]
@@ -231,8 +259,9 @@ def launch(s: SimSettings) -> Launched:
         security.update({d: {"insecure": True} for d in device_ids})
     else:
         keys = make_keys(out / "keys", device_ids)
-        security = {"aggregator": {"keys": keys["aggregator"], "registry": keys["registry"]}}
-        security.update({d: {"keys": keys[d], "aggregator_keys": keys["aggregator_pub"]} for d in device_ids})
+        security = {"aggregator": {"keys": keys["aggregator"], "registry": keys["registry"], "authority": keys["authority_pub"]}}
+        security.update({d: {"keys": keys[d], "aggregator_keys": keys["aggregator_pub"], "authority_keys": keys["authority_pub"],
+                             "cert": keys[f"{d}_cert"]} for d in device_ids})
     try:
         if s.broker:
             broker, protocol = s.broker, "auto"
@@ -256,9 +285,11 @@ def launch(s: SimSettings) -> Launched:
             "lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
             "server_optimizer": s.server_optimizer, "server_lr": s.server_lr,
             "mode": s.mode, "public_data": str(paths.public),
+            "secagg_weight_norm": max(len(x) for x in data.shards),
             **({"public_eval_data": str(paths.public_eval_dir)} if paths.public_eval_dir else {}),
             **({"teacher": teacher, "teacher_lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
-                "distil": {"loss": s.kd_loss, "student_steps": s.distil_steps, "teacher_steps": s.distil_steps}}
+                "distil": {"loss": s.kd_loss, "student_steps": s.distil_steps, "teacher_steps": s.distil_steps,
+                           "student_lr": s.distil_lr, "teacher_lr": s.teacher_lr}}
                if s.mode != "fedit" else {}),
             **security["aggregator"], **logins.get("aggregator", {}),
         })

@@ -98,13 +98,45 @@ def _name(rng: random.Random) -> str:
 
 
 def _copy(rng: random.Random) -> tuple[str, str, str]:
-    """Words, numbers and invented names: repeating them is what gives every token its embedding."""
     items = []
     for _ in range(rng.randint(1, 5)):
         k = rng.random()
         items.append(rng.choice(_WORDS) if k < 0.35 else str(rng.randint(0, 999)) if k < 0.7 else _name(rng))
     shown = " ".join(items)
     return "Repeat the text.", shown, shown
+
+
+def generic_text(n: int, seed: int) -> list[Example]:
+    """Stand-in for the generic public text a real base model is pretrained on: words, numbers and
+    invented names in repeat-after-me form, so every token of the vocabulary gets trained. Not a
+    task anyone is scored on (a sub-million-parameter model does not learn to copy names here)."""
+    rng = random.Random(f"generic:{seed}")
+    return [Example(*_copy(rng), family="generic") for _ in range(n)]
+
+
+def _trivia_table(seed: int = 11, n: int = 80) -> list[tuple[str, str, str]]:
+    """A public table of invented animals with a food and a home: what a big model has read about."""
+    rng = random.Random(seed)
+    rows: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        animal = "".join(rng.choice(_SYL) for _ in range(2)) + rng.choice(("pig", "fox", "owl", "cat"))
+        if animal in seen:
+            continue
+        seen.add(animal)
+        rows.append((animal, rng.choice(("seeds", "fish", "leaves", "honey", "roots", "berries", "worms", "grass")),
+                     rng.choice(("caves", "trees", "rivers", "deserts", "mountains", "swamps"))))
+    return rows
+
+
+_TRIVIA = _trivia_table()
+
+
+def _trivia(rng: random.Random) -> tuple[str, str, str]:
+    animal, food, home = rng.choice(_TRIVIA)
+    if rng.random() < 0.5:
+        return "What does this animal eat?", animal, food
+    return "Where does this animal live?", animal, home
 
 
 def _count(rng: random.Random) -> tuple[str, str, str]:
@@ -119,7 +151,10 @@ PRIVATE_FAMILIES: dict[str, Gen] = {
     "units": _units,
     "facts": _facts,
 }
-PUBLIC_FAMILIES: dict[str, Gen] = {"copy": _copy, "count": _count}
+PUBLIC_FAMILIES: dict[str, Gen] = {"count": _count, "trivia": _trivia}
+
+
+TABLE_FAMILIES = frozenset({"facts", "trivia"})  # answers from a fixed table: questions repeat by design
 
 
 def generate(family: str, n: int, seed: int) -> list[Example]:
@@ -134,8 +169,8 @@ def generate(family: str, n: int, seed: int) -> list[Example]:
 def heldout(family: str, n: int, seed: int, exclude: list[Example]) -> list[Example]:
     """Evaluation examples whose (instruction, input) never appear in ``exclude``.
 
-    The facts family has a finite table, so its held-out questions may ask about facts seen in
-    training (as a user would); the other families never repeat a training question.
+    The facts and trivia families have finite tables, so their held-out questions may ask about
+    facts seen in training (as a user would); the other families never repeat a training question.
     """
     seen = {(e.instruction, e.input) for e in exclude}
     rng = random.Random(f"heldout:{family}:{seed}")
@@ -145,7 +180,7 @@ def heldout(family: str, n: int, seed: int, exclude: list[Example]) -> list[Exam
     while len(out) < n and tries < 100 * n:
         tries += 1
         ex = Example(*gen(rng), family=family)
-        if family != "facts" and (ex.instruction, ex.input) in seen:
+        if family not in TABLE_FAMILIES and (ex.instruction, ex.input) in seen:
             continue
         out.append(ex)
     return out

@@ -7,9 +7,11 @@ get told about.
   ``(xfer_id, seq, data)``. Both encode to strict msgpack arrays: a tag, a frame version, then
   fixed positional fields; decoding rejects anything else with ``TruncatedError`` or
   ``SchemaError``.
-- ``Reassembler`` is bounded in memory (concurrent transfers, bytes per transfer, total bytes,
-  chunk count; the manifest reserves its ``total_size`` up front) and in time (``expire(now)``
-  drops transfers idle past a timeout). It is idempotent on ``(xfer_id, seq)``, checks per-chunk
+- ``Reassembler`` is bounded in memory (concurrent transfers, transfers per sender, bytes per
+  transfer, total bytes, chunk count; a manifest's ``total_size`` counts against the budget from
+  the start, but memory is only taken as chunks arrive, so a manifest alone costs nothing) and in
+  time (``expire(now)`` drops transfers idle past a timeout; repeating a manifest does not count
+  as activity). It is idempotent on ``(xfer_id, seq)``, checks per-chunk
   digests as chunks arrive when the manifest has them, verifies the whole SHA-256 at the end and
   reports ``missing(xfer_id)``. Transfers are keyed by ``(sender, xfer_id)``: pass the device id
   taken from the topic so one device can never touch another's transfer.
@@ -321,10 +323,12 @@ def iter_chunks(payload: bytes, manifest: Manifest, seqs: Iterable[int] | None =
 @dataclass
 class _Transfer:
     manifest: Manifest
-    buf: bytearray
-    have: bytearray  # one flag per seq
+    parts: dict[int, bytes]  # seq -> data, filled as chunks arrive (nothing allocated up front)
     received: int
     last_activity: float
+
+    def has(self, seq: int) -> bool:
+        return seq in self.parts
 
 
 class Reassembler:
@@ -345,8 +349,12 @@ class Reassembler:
         idle_timeout_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         remember_completed: int = 1024,
+        max_per_sender: int | None = None,
     ) -> None:
         self.max_transfers = max_transfers
+        # One sender may hold this many transfers; a new manifest beyond it replaces the sender's
+        # oldest transfer, so a sender can only ever crowd out itself.
+        self.max_per_sender = max_per_sender
         self.max_transfer_bytes = max_transfer_bytes
         self.max_total_bytes = max_total_bytes
         self.max_chunks = max_chunks
@@ -376,7 +384,7 @@ class Reassembler:
         if (sender, xfer_id) in self._completed:
             return []
         t = self._get(sender, xfer_id)
-        return [i for i, flag in enumerate(t.have) if not flag]
+        return [i for i in range(t.manifest.count) if not t.has(i)]
 
     # -- lifecycle
     def start(self, manifest: Manifest, *, sender: str = "", now: float | None = None) -> bool:
@@ -391,8 +399,7 @@ class Reassembler:
         if existing is not None:
             if existing.manifest != manifest:
                 raise TransferRejected(f"transfer {manifest.xfer_id} is in progress with a different manifest")
-            existing.last_activity = now
-            return False
+            return False  # a repeat is not activity: it must not keep a stalled transfer alive
         if manifest.total_size > self.max_transfer_bytes:
             raise TransferRejected(
                 f"transfer {manifest.xfer_id} of {manifest.total_size} bytes exceeds the "
@@ -401,6 +408,11 @@ class Reassembler:
         if manifest.count > self.max_chunks:
             raise TransferRejected(f"transfer {manifest.xfer_id} has {manifest.count} chunks, over {self.max_chunks}")
         self.expire(now)  # make room from idle transfers before refusing a new one
+        if self.max_per_sender is not None:
+            mine = sorted((t.last_activity, k) for k, t in self._transfers.items() if k[0] == sender)
+            for _, old in mine[: max(0, len(mine) - self.max_per_sender + 1)]:
+                log.info("transfer %s/%s replaced by a newer one from the same sender", old[0], old[1])
+                self._forget(old)
         if len(self._transfers) >= self.max_transfers:
             raise TransferRejected(f"already {len(self._transfers)} transfers in progress (limit {self.max_transfers})")
         if self._reserved + manifest.total_size > self.max_total_bytes:
@@ -408,7 +420,7 @@ class Reassembler:
                 f"accepting {manifest.total_size} bytes would exceed the {self.max_total_bytes}-byte "
                 f"reassembly budget ({self._reserved} in use)"
             )
-        self._transfers[key] = _Transfer(manifest, bytearray(manifest.total_size), bytearray(manifest.count), 0, now)
+        self._transfers[key] = _Transfer(manifest, {}, 0, now)
         self._reserved += manifest.total_size
         log.debug("transfer %s/%s started: %d bytes in %d chunks", sender, manifest.xfer_id, manifest.total_size, manifest.count)
         return True
@@ -432,29 +444,27 @@ class Reassembler:
             raise SchemaError(
                 f"chunk {chunk.seq} of {m.xfer_id} has {len(chunk.data)} bytes, expected {m.chunk_length(chunk.seq)}"
             )
-        start = chunk.seq * m.chunk_size
-        end = start + len(chunk.data)
-        if t.have[chunk.seq]:
-            if t.buf[start:end] != chunk.data:
+        if t.has(chunk.seq):
+            if t.parts[chunk.seq] != chunk.data:
                 raise IntegrityError(f"chunk {chunk.seq} of {m.xfer_id} repeated with different bytes")
             t.last_activity = now
             return None
         if m.chunk_sha256 is not None and hashlib.sha256(chunk.data).digest() != m.chunk_sha256[chunk.seq]:
             raise IntegrityError(f"chunk {chunk.seq} of {m.xfer_id} does not match its SHA-256")
-        t.buf[start:end] = chunk.data
-        t.have[chunk.seq] = 1
+        t.parts[chunk.seq] = bytes(chunk.data)
         t.received += 1
         t.last_activity = now
         if t.received < m.count:
             return None
         self._forget(key)
-        if hashlib.sha256(t.buf).digest() != m.sha256:
+        payload = b"".join(t.parts[i] for i in range(m.count))
+        if hashlib.sha256(payload).digest() != m.sha256:
             raise IntegrityError(f"transfer {m.xfer_id} reassembled to a payload whose SHA-256 does not match")
         self._completed[key] = m.sha256
         while len(self._completed) > self._remember:
             self._completed.popitem(last=False)
         log.debug("transfer %s/%s complete", sender, m.xfer_id)
-        return bytes(t.buf)
+        return payload
 
     def expire(self, now: float | None = None) -> list[tuple[str, str]]:
         """Drop transfers idle for longer than ``idle_timeout_s``; return their (sender, xfer_id)."""

@@ -365,6 +365,13 @@ def sign(message: bytes, key: DeviceKeys, *, aad: AssociatedData) -> bytes:
     return _hazmat.sign(_as_bytes("message", message), signing_seed=key.signing_seed, aad=aad.encode())
 
 
+def signed_payload(signed_blob: bytes) -> bytes:
+    """The payload of a ``sign`` blob, NOT verified: to learn which key to verify it with."""
+    if not isinstance(signed_blob, (bytes, bytearray, memoryview)) or len(signed_blob) < _hazmat.SIGN_OVERHEAD:
+        raise CryptoError("signed message is truncated")
+    return bytes(signed_blob[_hazmat.SIGN_HEADER_LEN : -_hazmat.SIG_LEN])
+
+
 def verify(signed_blob: bytes, public: PublicKeys, *, aad: AssociatedData) -> bytes:
     """Return the payload of a ``sign`` blob; ``CryptoError`` unless it verifies under ``public``
     and ``aad``."""

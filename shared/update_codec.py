@@ -33,9 +33,28 @@ def sketch_len(sp: M.SparseSpec, sa: M.SecAggSpec) -> int:
     return -(-sp.dim // sa.sketch_block) if sa.sketch_block else 0
 
 
+# After the k values and the sketch, two more masked coordinates: the device's FedAvg weight and
+# its weight times its training loss. The aggregator learns both only as sums over the fleet.
+TAIL = 2
+LOSS_CAP = 20.0  # a training loss above this is reported as this (it only scales the tail slot)
+
+
 def secagg_dim(sp: M.SparseSpec, sa: M.SecAggSpec) -> int:
-    """Length of each device's secure-aggregation input: k values, then the sketch."""
-    return sp.k + sketch_len(sp, sa)
+    """Length of each device's secure-aggregation input: k values, the sketch, then the tail."""
+    return sp.k + sketch_len(sp, sa) + TAIL
+
+
+def tail(w: float, train_loss: float, clip: float) -> np.ndarray:
+    """The masked tail of one device: weight and weighted loss, scaled into [0, clip]."""
+    loss = min(max(float(train_loss), 0.0), LOSS_CAP) if np.isfinite(train_loss) else LOSS_CAP
+    return np.array([w * clip, w * loss / LOSS_CAP * clip], dtype=np.float64)
+
+
+def untail(summed: np.ndarray, clip: float) -> tuple[float, float]:
+    """(sum of weights, sum of weight x loss) from the summed tail."""
+    if len(summed) != TAIL:
+        raise SchemaError(f"secure-aggregation tail has {len(summed)} values, expected {TAIL}")
+    return float(summed[0]) / clip, float(summed[1]) / clip * LOSS_CAP
 
 
 def block_magnitude(acc: np.ndarray, block: int) -> np.ndarray:

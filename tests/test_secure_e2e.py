@@ -55,7 +55,7 @@ def test_sim_over_mosquitto_tls_acl_and_captured_update_tamper(tmp_path: Path, t
                     teacher=tiny_models["teacher"])  # the default mode, fedkd: FedAvg then mutual distillation
     run = launch(s)
     assert run.broker.startswith("mqtts://")
-    cap = Capture(MqttCredentials.load(run.out / "broker" / "credentials" / "aggregator.json"))
+    cap = Capture(MqttCredentials.load(run.out / "broker" / "credentials" / "auditor.json"))  # read-only account
     try:
         finish(run)
     finally:

@@ -23,8 +23,8 @@ from shared import sparse, update_codec
 from shared.secagg.quant import error_bound
 from tests.bus import Bus, DropPlan, FakeLink
 
-N = 4
-T = 2  # threshold: n - t = 2 dropouts still give a sum; 3 must abort
+N = 5
+T = 3  # threshold (more than half of the 5): n - t = 2 dropouts still give a sum; 3 must abort
 
 
 def _build_fleet(tiny_models: dict[str, str], root: Path, **overrides: object):
@@ -47,7 +47,7 @@ def _build_fleet(tiny_models: dict[str, str], root: Path, **overrides: object):
     for dev, shard in zip(ids, shards):
         e = EdgeClient(EdgeConfig(device_id=dev, broker="mqtt://unused:1", data=str(shard), student=tiny_models["student"],
                                   work_dir=str(root / "edge" / dev), keys=keys[dev], aggregator_keys=keys["aggregator_pub"],
-                                  keep_sent=True))
+                                  authority_keys=keys["authority_pub"], cert=keys[f"{dev}_cert"], keep_sent=True))
         e.load_model()
         e.link = FakeLink(bus, dev, outgoing=plan.filter(dev))
         e.link.subscribe(topics.bcast_filter())
@@ -55,11 +55,13 @@ def _build_fleet(tiny_models: dict[str, str], root: Path, **overrides: object):
         e.publish_status("online")
         edges.append(e)
     settings: dict = dict(broker="mqtt://unused:1", student=tiny_models["student"], eval_data=str(eval_dir),
-                          out_dir=str(root / "agg"), keys=keys["aggregator"], registry=keys["registry"], rounds=99,
+                          out_dir=str(root / "agg"), keys=keys["aggregator"], registry=keys["registry"],
+                          authority=keys["authority_pub"], rounds=99,
                           quorum=1, min_devices_to_start=N, local_steps=3, learning_rate=5e-3, secagg=True,
                           secagg_threshold=T, density=0.25, value_bits=22, clip=0.05, key_timeout_s=5.0,
                           sparse_method="topk",  # rounds after the first pick from the masked magnitude sketch
-                          round_timeout_s=60.0, eval_max_per_family=2, keep_received=True, mode="fedit")
+                          round_timeout_s=60.0, eval_max_per_family=2, keep_received=True, mode="fedit",
+                          secagg_weight_norm=max(len(e.examples) for e in edges))
     settings.update(overrides)
     agg = Aggregator(AggregatorConfig(**settings))
     agg.load_model()
@@ -173,10 +175,25 @@ def test_the_aggregator_stores_and_logs_no_individual_update(fleet, caplog: pyte
         stored = (agg.out / "received" / f"round_{rec.round:04d}" / f"{e.cfg.device_id}.msgpack").read_bytes()
         up = M.decode(stored, expect=M.MaskedUpdate)
         assert _chi2_bytes(up.masked) < CHI2_255  # type: ignore[attr-defined]
+        # Weight and loss travel only inside the masked vector: the clear fields say nothing.
+        assert up.num_examples == 1 and up.train_loss == 0.0  # type: ignore[attr-defined]
         sent = _sent(root, e.cfg.device_id, rec.round)
         plain = sent[np.flatnonzero(sent)].astype("<f4").tobytes()
         assert _chi2_bytes(plain[: len(up.masked)]) > 10 * CHI2_255  # control: the test can tell
+    assert rec.train_loss == {}  # no per-device loss in the record
+    losses = {e.cfg.device_id: e.last_train.mean_loss for e in edges}
+    w = {d: update_codec.weight(len(e.examples), agg.cfg.secagg_weight_norm) for d, e in zip(losses, edges)}
+    want = sum(w[d] * losses[d] for d in rec.received) / sum(w[d] for d in rec.received)
+    assert rec.fleet_train_loss == pytest.approx(want, abs=1e-3)  # the weighted mean, from the masked tail
     stored = b"".join(p.read_bytes() for p in Path(agg.out).rglob("*") if p.is_file()) + caplog.text.encode()
+    # The devices run in this process and log their own losses; search what the aggregator logged.
+    agg_logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("aggregator")).encode()
+    agg_kept = b"".join(p.read_bytes() for p in Path(agg.out).rglob("*") if p.is_file()) + agg_logged
+    for d, loss in losses.items():
+        for text in (f"{loss:.3f}", f"{loss:.4f}", repr(loss)):
+            assert text.encode() not in agg_kept, f"{d}'s training loss {text} is in what the aggregator kept"
+        for n in (len(e.examples) for e in edges if e.cfg.device_id == d):
+            assert f"{n} examples".encode() not in agg_kept
     for e in edges:
         sent = _sent(root, e.cfg.device_id, rec.round)
         idx = np.flatnonzero(sent)

@@ -39,7 +39,8 @@ class FedKD:
                                    eval_batch_size=c.eval_batch_size)
         d = c.distil
         common = dict(kind=d.loss, beta=d.beta, temperature=d.temperature, top_k=d.top_k, kd_alpha=d.kd_alpha,
-                      batch_size=d.batch_size, max_len=c.max_seq_len, selective=d.selective)
+                      batch_size=d.batch_size, max_len=c.max_seq_len, selective=d.selective,
+                      balance_families=d.balance_families)
         self.to_student = KDSettings(steps=d.student_steps, lr=d.student_lr, **common)  # type: ignore[arg-type]
         self.to_teacher = KDSettings(steps=d.teacher_steps, lr=d.teacher_lr, **common)  # type: ignore[arg-type]
         cache = ctx.out / "align"

@@ -24,3 +24,8 @@ __all__ = [
     "error_bound", "max_bits", "quantize", "server_add_masked", "server_collect_keys",
     "server_collect_shares", "server_init", "server_request_unmask", "server_unmask", "unmask_request_for",
 ]
+
+# The hardened round (signed adverts, consistency check) builds on the stage functions above.
+from shared.secagg import hardened  # noqa: E402
+
+__all__ += ["hardened"]

@@ -112,15 +112,95 @@ class UnmaskShares:
     key_shares: tuple[OwnedShare, ...]
 
 
+# --- the hardened round (``shared.secagg.hardened``): signed adverts and a consistency check ---
+
+
+@dataclass(frozen=True)
+class SignedAdvertise:
+    """Stage 0, client -> server: the keys, the sender's certificate, and its signature over them."""
+
+    round_id: int
+    sender: int
+    c_pk: bytes
+    s_pk: bytes
+    cert: bytes  # shared.authority.Certificate.blob
+    sig: bytes  # shared.crypto.sign blob over the advert payload, with the certified key
+
+
+@dataclass(frozen=True)
+class SignedEntry:
+    node: int
+    c_pk: bytes
+    s_pk: bytes
+    cert: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class SignedKeys:
+    """Stage 0 reply, server -> client: the digest of every advert the round counts (the graph
+    derives from them) and the signed adverts of the recipient's neighbourhood."""
+
+    round_id: int
+    recipient: int
+    digests: tuple[tuple[int, bytes], ...]  # (node, SHA-256 of its encoded SignedAdvertise), by node
+    keys: tuple[SignedEntry, ...]
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Stage 2 reply, server -> client: the survivor set every survivor is asked to sign."""
+
+    round_id: int
+    recipient: int
+    survivors: tuple[int, ...]
+    list_hash: bytes  # SHA-256 of the advert digest list: the same graph for everyone
+
+
+@dataclass(frozen=True)
+class ConsistencySig:
+    """Consistency check, client -> server: its signature over (round, list hash, survivors)."""
+
+    round_id: int
+    sender: int
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class SignedUnmaskRequest:
+    """Consistency reply, server -> client: the survivors and the signatures that agree on them."""
+
+    round_id: int
+    recipient: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    sigs: tuple[tuple[int, bytes], ...]  # (node, ConsistencySig.sig)
+
+
 Message = Union[AdvertiseKeys, NeighbourKeys, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest,
-                UnmaskShares]
+                UnmaskShares, SignedAdvertise, SignedKeys, ConsistencyRequest, ConsistencySig, SignedUnmaskRequest]
 _KINDS: dict[type, int] = {AdvertiseKeys: 1, NeighbourKeys: 2, ShareKeys: 3, ForwardedShares: 4,
-                           MaskedInput: 5, UnmaskRequest: 6, UnmaskShares: 7}
+                           MaskedInput: 5, UnmaskRequest: 6, UnmaskShares: 7, SignedAdvertise: 8, SignedKeys: 9,
+                           ConsistencyRequest: 10, ConsistencySig: 11, SignedUnmaskRequest: 12}
 _BY_KIND = {v: k for k, v in _KINDS.items()}
 
 
+_TO_CLIENT = (NeighbourKeys, ForwardedShares, UnmaskRequest, SignedKeys, ConsistencyRequest, SignedUnmaskRequest)
+MAX_BLOB = 1 << 16  # a certificate or a signature: far below this
+
+
 def _node(msg: Message) -> int:
-    return msg.recipient if isinstance(msg, (NeighbourKeys, ForwardedShares, UnmaskRequest)) else msg.sender
+    return msg.recipient if isinstance(msg, _TO_CLIENT) else msg.sender  # type: ignore[union-attr]
+
+
+def _blob(b: bytes) -> bytes:
+    if len(b) > MAX_BLOB:
+        raise SchemaError(f"secagg field of {len(b)} bytes exceeds {MAX_BLOB}")
+    return _U32.pack(len(b)) + b
+
+
+def _ids(ids: tuple[int, ...]) -> bytes:
+    return _U32.pack(len(ids)) + struct.pack(f">{len(ids)}I", *ids)
 
 
 def encode(msg: Message) -> bytes:
@@ -141,6 +221,23 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, UnmaskRequest):
         for ids in (msg.survivors, msg.dropped):
             parts.append(_U32.pack(len(ids)) + struct.pack(f">{len(ids)}I", *ids))
+    elif isinstance(msg, SignedAdvertise):
+        parts += [msg.c_pk, msg.s_pk, _blob(msg.cert), _blob(msg.sig)]
+    elif isinstance(msg, SignedKeys):
+        parts.append(_U32.pack(len(msg.digests)))
+        for node, d in msg.digests:
+            parts += [_U32.pack(node), d]
+        parts.append(_U32.pack(len(msg.keys)))
+        for e in msg.keys:
+            parts += [_U32.pack(e.node), e.c_pk, e.s_pk, _blob(e.cert), _blob(e.sig)]
+    elif isinstance(msg, ConsistencyRequest):
+        parts += [_ids(msg.survivors), msg.list_hash]
+    elif isinstance(msg, ConsistencySig):
+        parts.append(_blob(msg.sig))
+    elif isinstance(msg, SignedUnmaskRequest):
+        parts += [_ids(msg.survivors), _ids(msg.dropped), _U32.pack(len(msg.sigs))]
+        for node, sig in msg.sigs:
+            parts += [_U32.pack(node), _blob(sig)]
     else:
         for shares in (msg.seed_shares, msg.key_shares):
             parts.append(_U32.pack(len(shares)))
@@ -163,6 +260,15 @@ class _Reader:
 
     def u32(self) -> int:
         return int(_U32.unpack(self.take(4))[0])
+
+    def blob(self) -> bytes:
+        n = self.u32()
+        if n > MAX_BLOB:
+            raise SchemaError(f"secagg field of {n} bytes exceeds {MAX_BLOB}")
+        return self.take(n)
+
+    def ids(self) -> tuple[int, ...]:
+        return tuple(self.u32() for _ in range(self.count(4)))
 
     def count(self, item_bytes: int) -> int:
         n = self.u32()
@@ -200,6 +306,21 @@ def decode(data: bytes) -> Message:
         surv = tuple(r.u32() for _ in range(r.count(4)))
         drop = tuple(r.u32() for _ in range(r.count(4)))
         msg = UnmaskRequest(round_id, node, surv, drop)
+    elif cls is SignedAdvertise:
+        msg = SignedAdvertise(round_id, node, r.take(_KEY), r.take(_KEY), r.blob(), r.blob())
+    elif cls is SignedKeys:
+        digests = tuple((r.u32(), r.take(_KEY)) for _ in range(r.count(4 + _KEY)))
+        entries = tuple(SignedEntry(r.u32(), r.take(_KEY), r.take(_KEY), r.blob(), r.blob())
+                        for _ in range(r.count(4 + 2 * _KEY + 8)))
+        msg = SignedKeys(round_id, node, digests, entries)
+    elif cls is ConsistencyRequest:
+        msg = ConsistencyRequest(round_id, node, r.ids(), r.take(_KEY))
+    elif cls is ConsistencySig:
+        msg = ConsistencySig(round_id, node, r.blob())
+    elif cls is SignedUnmaskRequest:
+        surv, drop = r.ids(), r.ids()
+        sigs = tuple((r.u32(), r.blob()) for _ in range(r.count(8)))
+        msg = SignedUnmaskRequest(round_id, node, surv, drop, sigs)
     else:
         lists = []
         for _ in range(2):

@@ -68,10 +68,13 @@ class SecAggParams:
         if len(set(ids)) != len(ids) or any(not isinstance(i, int) or not 0 <= i < (1 << 32) - 1 for i in ids):
             raise ConfigError("SecAggParams.node_ids must be distinct ints in [0, 2^32 - 1)")
         k = graph.neighbourhood_size(len(ids))
-        # t >= 2 so no single share reveals a secret; t <= k so every secret is recoverable at all.
-        if not isinstance(self.threshold, int) or not 2 <= self.threshold <= k:
-            raise ConfigError(f"SecAggParams.threshold must be in [2, {k}] for {len(ids)} nodes, "
-                              f"got {self.threshold!r}")
+        # t >= 2 so no single share reveals a secret; t <= k so every secret is recoverable at all;
+        # t > k/2 so that two disjoint halves of a neighbourhood can never both reach t, which is
+        # what an aggregator telling some survivors "u lived" and others "u dropped" would need to
+        # rebuild both of u's secrets. A device refuses a round that asks for less.
+        if not isinstance(self.threshold, int) or not 2 <= self.threshold <= k or 2 * self.threshold <= k:
+            raise ConfigError(f"SecAggParams.threshold must be in [{max(2, k // 2 + 1)}, {k}] for {len(ids)} nodes "
+                              f"(more than half of the neighbourhood of {k}), got {self.threshold!r}")
         if not isinstance(self.dim, int) or self.dim < 1:
             raise ConfigError(f"SecAggParams.dim must be an int >= 1, got {self.dim!r}")
         if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) != prg.SEED_BYTES:

@@ -10,6 +10,7 @@ anything forbidden would already have been delivered.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import socket
@@ -26,6 +27,7 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from aggregator.broker_config import (
+    MESSAGE_SLACK,
     BrokerFiles,
     MqttCredentials,
     mosquitto_password_hash,
@@ -33,6 +35,7 @@ from aggregator.broker_config import (
     write_broker_config,
 )
 from shared import topics
+from shared.errors import ConfigError
 from tests.brokers import Mosquitto, start_mosquitto
 
 log = logging.getLogger(__name__)
@@ -333,3 +336,72 @@ def test_acl_password_hash_compatible_with_mosquitto_passwd(tmp_path: Path) -> N
     assert theirs.startswith("$7$")
     assert verify_mosquitto_password("hunter2", theirs)
     assert not verify_mosquitto_password("hunter3", theirs)
+
+
+# --- hardening: client ids, sizes, overwrites ------------------------------------------------------
+
+
+def _disconnects(peer: Peer) -> threading.Event:
+    gone = threading.Event()
+    peer.client.on_disconnect = lambda c, u, flags, rc, props: gone.set()
+    return gone
+
+
+@pytest.mark.parametrize("victim", ["aggregator", B])
+def test_client_id_takeover_is_refused(broker: Broker, peers: dict[str, Peer], victim: str) -> None:
+    """Device A's credentials with the victim's client id: the broker makes it A's own id, so the
+    victim (device B, or the aggregator) stays connected and keeps getting its messages."""
+    gone = _disconnects(peers[victim])
+    c = broker.creds(A)
+    thief = Peer(broker, c.username, c.password, client_id=victim if victim != "aggregator" else "aggregator")
+    assert not thief.connect().is_failure
+    try:
+        assert not gone.wait(1.5), f"{victim} was kicked off by a client using its id"
+        topic = topics.down(B, "round") if victim == B else topics.up(A, "status")
+        assert peers[victim].subscribe(topic)[0].value < 0x80
+        sender = peers["aggregator"] if victim == B else thief
+        assert not sender.publish(topic, b"still here").is_failure
+        t, payload = peers[victim].messages.get(timeout=TIMEOUT)
+        assert (t, payload) == (topic, b"still here")
+    finally:
+        thief.close()
+
+
+def test_messages_over_the_size_limit_are_not_delivered(broker: Broker, peers: dict[str, Peer]) -> None:
+    """The broker drops an over-limit publish (at QoS 1 it answers PUBACK 0x95, packet too large,
+    which paho takes as a reason to reconnect and retry; QoS 0 keeps this test simple)."""
+    agg, dev = peers["aggregator"], peers[A]
+    assert agg.subscribe(topics.up_filter())[0].value < 0x80
+    dev.client.publish(topics.up(A, "chunk"), os.urandom(256 * 1024 + MESSAGE_SLACK + 1), qos=0)  # over the limit
+    dev.publish(topics.up(A, "chunk"), os.urandom(256 * 1024))  # a full chunk still fits
+    sentinel = topics.up(A, "status")
+    dev.publish(sentinel, b"end")
+    got = agg.received_until(sentinel)
+    assert got == [topics.up(A, "chunk")]  # only the one within the limit
+
+
+def test_broker_config_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    first = write_broker_config(tmp_path / "b", [A])
+    key = first.ca_key.read_bytes() if first.ca_key else b""
+    with pytest.raises(ConfigError, match="--force"):
+        write_broker_config(tmp_path / "b", [A])
+    assert first.ca_key is not None and first.ca_key.read_bytes() == key  # nothing was replaced
+    again = write_broker_config(tmp_path / "b", [A], force=True)
+    assert again.ca_key is not None and again.ca_key.read_bytes() != key
+    conf = again.conf_path.read_text()
+    assert "use_username_as_clientid true" in conf and "message_size_limit" in conf
+
+
+def test_enroll_refuses_to_replace_a_key_without_replace(tmp_path: Path) -> None:
+    from aggregator import registry
+    from shared.crypto import generate_keys
+
+    k1, k2 = generate_keys().public, generate_keys().public
+    reg = tmp_path / "reg.json"
+    registry.enroll(reg, A, k1)
+    registry.enroll(reg, A, k1)  # the same key again: fine
+    with pytest.raises(ConfigError, match="--replace"):
+        registry.enroll(reg, A, k2)
+    assert registry.load(reg)[A].to_json() == k1.to_json()
+    registry.enroll(reg, A, k2, replace=True)
+    assert registry.load(reg)[A].to_json() == k2.to_json()

@@ -14,7 +14,7 @@ from aggregator.server import Aggregator, RoundBook
 from shared import messages as M
 from tests.specs import dense_spec
 from shared import secure, tensors, topics
-from shared.crypto import DeviceKeys, generate_keys, save_private_keys
+from shared.crypto import DeviceKeys, generate_keys, save_private_keys, save_public_keys
 from shared.datasets import Example, write_jsonl
 
 
@@ -22,10 +22,11 @@ from shared.datasets import Example, write_jsonl
 def agg(tmp_path: Path) -> tuple[Aggregator, DeviceKeys, DeviceKeys]:
     agg_keys, dev_keys = generate_keys(), generate_keys()
     save_private_keys(agg_keys, tmp_path / "agg.key")
+    save_public_keys(generate_keys().public, tmp_path / "authority.pub.json")
     registry.enroll(tmp_path / "reg.json", "dev-a", dev_keys.public)
     write_jsonl(tmp_path / "eval.jsonl", [Example("Add.", "1 2", "3", "arith")])
     cfg = AggregatorConfig(broker="mqtt://127.0.0.1:1", student="unused", eval_data=str(tmp_path / "eval.jsonl"),
-                           out_dir=str(tmp_path / "out"), keys=str(tmp_path / "agg.key"), registry=str(tmp_path / "reg.json"),
+                           out_dir=str(tmp_path / "out"), keys=str(tmp_path / "agg.key"), registry=str(tmp_path / "reg.json"), authority=str(tmp_path / "authority.pub.json"),
                            quorum=1, min_devices_to_start=1, mode="fedit")
     a = Aggregator(cfg)
     a.digest = "ab" * 32

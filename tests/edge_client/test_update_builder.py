@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edge_client import update_builder
 from shared import messages as M
@@ -46,13 +47,13 @@ def test_secure_clips_weights_and_keeps_the_rest() -> None:
     sp, sa = _sp(), _sa()
     b = update_builder.secure(delta, None, sp, sa, num_examples=5, rng_seed=7)
     idx = update_codec.round_indices(sp)
-    assert b.x is not None and b.x.dtype == np.uint32 and b.x.shape == (K,)
+    assert b.x is not None and b.x.dtype == np.uint32 and b.x.shape == (K + update_codec.TAIL,)
     assert np.abs(b.sent).max() <= sa.clip and 0 < b.clipped < 1
     np.testing.assert_allclose(b.sent + b.residual, delta, atol=1e-7)
     # Decoding the one input gives weight * sent values within one quantization step.
     cfg = update_codec.quant_config(sa)
     decoded = dequantize_sum(b.x, cfg, 1)
-    np.testing.assert_allclose(decoded, 0.5 * b.sent[idx], atol=1.0 / cfg.scale + 1e-9)
+    np.testing.assert_allclose(decoded[:K], 0.5 * b.sent[idx], atol=1.0 / cfg.scale + 1e-9)
 
 
 def test_secure_sketch_follows_the_unsent_mass() -> None:
@@ -60,7 +61,17 @@ def test_secure_sketch_follows_the_unsent_mass() -> None:
     delta[640:704] = 0.04  # one block of 64 with all the mass
     sp, sa = _sp(), _sa(sketch=64, ring=32)
     b = update_builder.secure(delta, None, sp, sa, num_examples=10, rng_seed=1)
-    assert b.x is not None and len(b.x) == update_codec.secagg_dim(sp, sa) == K + 16
-    sketch = dequantize_sum(b.x[K:], update_codec.quant_config(sa), 1)
+    assert b.x is not None and len(b.x) == update_codec.secagg_dim(sp, sa) == K + 16 + update_codec.TAIL
+    sketch = dequantize_sum(b.x[K : K + 16], update_codec.quant_config(sa), 1)
     assert int(np.argmax(sketch)) == 10 and abs(sketch[10] - 0.04) < 1e-6
     assert np.abs(np.delete(sketch, 10)).max() < 1e-6
+
+
+def test_secure_tail_carries_weight_and_loss_masked() -> None:
+    """The weight and the weighted loss are two more coordinates of the masked vector."""
+    sp, sa = _sp(), _sa(ring=32)
+    delta = np.full(DIM, 0.01, np.float32)
+    b = update_builder.secure(delta, None, sp, sa, num_examples=5, rng_seed=3, train_loss=2.5)
+    cfg = update_codec.quant_config(sa)
+    w, wl = update_codec.untail(dequantize_sum(b.x[K:], cfg, 1), sa.clip)
+    assert w == pytest.approx(0.5, abs=1e-5) and wl / w == pytest.approx(2.5, abs=1e-3)

@@ -219,7 +219,7 @@ def test_tampered_share_is_rejected_with_typed_error(how: str) -> None:
 
 
 def test_client_refuses_to_reveal_both_secrets_of_a_node() -> None:
-    p = params(4, 2, 8)
+    p = params(4, 3, 8)
     clients, fwd = _to_stage2(p)
     for u in p.node_ids:
         clients[u], _ = client_masked_input(clients[u], fwd[u], np.zeros(8, np.uint32))
@@ -263,6 +263,10 @@ def test_params_validation() -> None:
         params(5, 1, 4)  # t < 2
     with pytest.raises(ConfigError):
         params(40, 14, 4)  # t > neighbourhood size 13
+    for n, t in ((4, 2), (40, 6), (7, 3)):  # t <= k/2: two halves of a neighbourhood could each reach t
+        with pytest.raises(ConfigError, match="more than half"):
+            params(n, t, 4)
+    params(40, 7, 4)  # 7 > 13/2
     with pytest.raises(ConfigError):
         SecAggParams(round_id=1, node_ids=(1, 1), threshold=2, dim=4, graph_seed=bytes(32))
 

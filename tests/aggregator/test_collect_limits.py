@@ -1,0 +1,127 @@
+"""Collection one device cannot exhaust: per-device transfers, caps from the round, stage checks.
+
+The attack of issue 9: four 74-byte manifests from one enrolled device declared 4 GiB between
+them, blocked the aggregator while it reserved the memory, and made an honest device's upload
+fail. Here each is tried again against the aggregator's collector.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator import plan, registry
+from aggregator.config import AggregatorConfig
+from aggregator.server import Aggregator, RoundBook
+from shared import messages as M
+from shared import secure, tensors, topics
+from shared.chunking import ChunkPolicy, Manifest, iter_chunks, split
+from shared.crypto import DeviceKeys, generate_keys, save_private_keys, save_public_keys
+from shared.datasets import Example, write_jsonl
+from tests.specs import dense_spec
+
+DIM = 50_000  # a 200 kB dense update: several chunks of 16 KiB
+SMALL = ChunkPolicy(max_message_bytes=16 * 1024)
+
+
+@pytest.fixture
+def agg(tmp_path: Path) -> tuple[Aggregator, DeviceKeys, dict[str, DeviceKeys]]:
+    agg_keys = generate_keys()
+    devs = {d: generate_keys() for d in ("dev-a", "dev-b", "dev-c")}
+    save_private_keys(agg_keys, tmp_path / "agg.key")
+    save_public_keys(generate_keys().public, tmp_path / "authority.pub.json")
+    for d, k in devs.items():
+        registry.enroll(tmp_path / "reg.json", d, k.public)
+    write_jsonl(tmp_path / "eval.jsonl", [Example("Add.", "1 2", "3", "arith")])
+    a = Aggregator(AggregatorConfig(broker="mqtt://127.0.0.1:1", student="unused", eval_data=str(tmp_path / "eval.jsonl"),
+                                    out_dir=str(tmp_path / "out"), keys=str(tmp_path / "agg.key"),
+                                    registry=str(tmp_path / "reg.json"), authority=str(tmp_path / "authority.pub.json"), mode="fedit"))
+    a.digest = "ab" * 32
+    a.global_state = {"w": np.zeros(DIM, np.float32)}
+    spec = dense_spec(2, ["dev-a", "dev-b"], DIM)
+    a.book = RoundBook(rnd=2, participants=["dev-a", "dev-b"], deadline=1e18, spec=spec,
+                       max_upload=plan.upload_cap(spec, a.global_state))
+    return a, agg_keys, devs
+
+
+def _sealed_update(dev: DeviceKeys, agg_keys: DeviceKeys, device: str) -> bytes:
+    up = M.Update(round=2, device_id=device, seq=1, num_examples=3, steps=1, train_loss=0.5, payload="delta",
+                  base_digest="ab" * 32, tensors=tensors.pack({"w": np.ones(DIM, np.float32)}))
+    return secure.seal_message(up, round=2, device_id=device, sender=dev, recipient=agg_keys.public)
+
+
+def _upload(a: Aggregator, device: str, payload: bytes) -> None:
+    m = split(payload, SMALL)
+    a.dispatch(topics.up(device, "chunk"), m.encode(), 100)
+    for c in iter_chunks(payload, m):
+        a.dispatch(topics.up(device, "chunk"), c.encode(), 100)
+
+
+def _manifest(total: int) -> bytes:
+    return Manifest(xfer_id=os.urandom(8).hex(), total_size=total, chunk_size=SMALL.chunk_size,
+                    count=-(-total // SMALL.chunk_size), sha256=bytes(32)).encode()
+
+
+def test_huge_manifests_cost_nothing_and_an_honest_upload_completes(agg, caplog) -> None:
+    a, agg_keys, devs = agg
+    t0 = time.monotonic()
+    for _ in range(4):  # the 4 GiB attack, and more of it
+        a.dispatch(topics.up("dev-a", "chunk"), _manifest(1 << 30), 74)
+    assert time.monotonic() - t0 < 1.0
+    assert a.col.uploads.active_transfers == 0 and a.col.uploads.reserved_bytes == 0
+    assert a.book.rejected == 4 and "are at most" in caplog.text
+    _upload(a, "dev-b", _sealed_update(devs["dev-b"], agg_keys, "dev-b"))
+    assert list(a.book.replies) == ["dev-b"]
+
+
+def test_many_manifests_from_one_device_hold_one_transfer(agg) -> None:
+    a, agg_keys, devs = agg
+    cap = a.book.max_upload
+    for _ in range(200):  # each within the cap: still one transfer slot, the device's own
+        a.dispatch(topics.up("dev-a", "chunk"), _manifest(cap), 74)
+    senders = [s for s, _ in a.col.uploads._transfers]  # noqa: SLF001
+    assert senders == ["dev-a"]
+    assert a.col.uploads.reserved_bytes <= cap  # the stated bound: participants x cap at most
+    # Meanwhile the honest device's upload goes through, and so does the attacker's real one.
+    _upload(a, "dev-b", _sealed_update(devs["dev-b"], agg_keys, "dev-b"))
+    _upload(a, "dev-a", _sealed_update(devs["dev-a"], agg_keys, "dev-a"))
+    assert sorted(a.book.replies) == ["dev-a", "dev-b"]
+    assert a.col.uploads.reserved_bytes == 0
+
+
+def test_manifests_only_from_participants_in_the_update_stage(agg, caplog) -> None:
+    a, agg_keys, devs = agg
+    a.dispatch(topics.up("dev-c", "chunk"), _manifest(1000), 74)  # enrolled, but not in this round
+    assert "not a participant" in caplog.text
+    a.book.stage = "share"
+    a.dispatch(topics.up("dev-a", "chunk"), _manifest(1000), 74)
+    assert "outside its update stage" in caplog.text
+    a.book.stage = "update"
+    _upload(a, "dev-b", _sealed_update(devs["dev-b"], agg_keys, "dev-b"))
+    a.dispatch(topics.up("dev-b", "chunk"), _manifest(1000), 74)  # it already answered
+    assert a.col.uploads.active_transfers == 0 and a.book.rejected == 3
+
+
+def test_a_retained_update_is_refused(agg, caplog) -> None:
+    a, agg_keys, devs = agg
+    data = _sealed_update(devs["dev-a"], agg_keys, "dev-a")
+    a.dispatch(topics.up("dev-a", "update"), data, len(data), retain=True)
+    assert "only status messages may be retained" in caplog.text and not a.book.replies
+
+
+def test_repeated_manifests_do_not_keep_a_transfer_alive() -> None:
+    from shared.chunking import Reassembler
+
+    clock = [0.0]
+    r = Reassembler(idle_timeout_s=10, clock=lambda: clock[0], max_per_sender=1)
+    payload = os.urandom(40_000)
+    m = split(payload, SMALL)
+    r.start(m, sender="d")
+    for _ in range(5):
+        clock[0] += 3
+        assert r.start(m, sender="d") is False  # a repeat: accepted, but not activity
+    assert r.expire() == [("d", m.xfer_id)]

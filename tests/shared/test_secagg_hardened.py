@@ -1,0 +1,206 @@
+"""The hardened SecAgg+ round against an aggregator that deviates (issue 9's attacks, pure protocol).
+
+Each test plays the aggregator itself, driving the devices' stage functions directly, and tries
+what a malicious aggregator tried on the semi-honest round: substitute a peer's keys, invent a
+participant, steer the graph, tell survivors different stories about who dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from shared import authority, crypto
+from shared.errors import ConfigError, ProtocolError
+from shared.secagg import graph, hardened, messages, protocol, quant
+from shared.secagg.hardened import Identity, PeerVerificationError
+
+N, T, DIM = 7, 5, 64  # complete graph of 7; t = 5 > 7/2
+AUTH = crypto.generate_keys()
+
+
+def _fleet(n: int = N, t: int = T, round_id: int = 3):
+    p = protocol.SecAggParams(round_id=round_id, node_ids=tuple(range(10, 10 + n)), threshold=t, dim=DIM, graph_seed=b"S" * 32)
+    device_of = {node: f"dev-{node}" for node in p.node_ids}
+    keys = {node: crypto.generate_keys() for node in p.node_ids}
+    certs = {node: authority.certify(device_of[node], keys[node].public, AUTH).blob for node in p.node_ids}
+    idents = {node: Identity(device_of, AUTH.public, keys[node], certs[node]) for node in p.node_ids}
+    server_ident = Identity(device_of, AUTH.public)
+    return p, idents, server_ident
+
+
+def _roundtrip(m):  # type: ignore[no-untyped-def]
+    out = messages.decode(messages.encode(m))
+    assert out == m
+    return out
+
+
+def _to_masked(p, idents, server_ident, inputs):  # type: ignore[no-untyped-def]
+    clients, adverts = {}, []
+    for u in p.node_ids:
+        clients[u], adv = hardened.client_advertise(p, u, idents[u])
+        adverts.append(_roundtrip(adv))
+    srv = hardened.server_init(p)
+    srv, keys = hardened.server_collect_adverts(srv, adverts, server_ident)
+    shares = []
+    for u, msg in keys.items():
+        clients[u], out = hardened.client_share_keys(clients[u], _roundtrip(msg), idents[u])
+        shares.append(out)
+    srv, fwd = hardened.server_collect_shares(srv, shares)
+    for u, msg in fwd.items():
+        clients[u], y = hardened.client_masked_input(clients[u], msg, inputs[u])
+        srv = hardened.server_add_masked(srv, y)
+    return clients, srv, keys
+
+
+def _inputs(p, seed: int = 0):  # type: ignore[no-untyped-def]
+    cfg = quant.QuantConfig(clip=1.0, n_summands=len(p.node_ids))
+    rng = np.random.default_rng(seed)
+    floats = {u: rng.uniform(-1, 1, DIM) for u in p.node_ids}
+    return cfg, floats, {u: quant.quantize(v, cfg, seed + i) for i, (u, v) in enumerate(floats.items())}
+
+
+def test_honest_hardened_round_gives_the_sum_with_a_dropout() -> None:
+    p, idents, si = _fleet()
+    cfg, floats, qs = _inputs(p)
+    clients, srv, _ = _to_masked(p, idents, si, qs)
+    srv, req = hardened.server_request_consistency(srv)
+    sigs = []
+    late = p.node_ids[-1]  # survives masking, then never signs nor unmasks
+    for u, r in req.items():
+        if u == late:
+            continue
+        clients[u], s = hardened.client_consistency(clients[u], _roundtrip(r), idents[u])
+        sigs.append(_roundtrip(s))
+    srv, unmask = hardened.server_collect_consistency(srv, sigs)
+    assert late not in unmask
+    answers = []
+    for u, r in unmask.items():
+        clients[u], a = hardened.client_unmask(clients[u], _roundtrip(r), idents[u])
+        answers.append(a)
+    res = hardened.server_unmask(srv, answers)
+    got = quant.dequantize_sum(res.total, cfg, len(res.contributors))
+    np.testing.assert_allclose(got, sum(floats.values()), atol=quant.error_bound(cfg, len(p.node_ids)))
+
+
+def test_key_substitution_is_detected_and_the_round_refused() -> None:
+    p, idents, si = _fleet()
+    _, _, qs = _inputs(p)
+    clients, adverts = {}, []
+    for u in p.node_ids:
+        clients[u], adv = hardened.client_advertise(p, u, idents[u])
+        adverts.append(adv)
+    srv, keys = hardened.server_collect_adverts(hardened.server_init(p), adverts, si)
+    target, victim_peer = p.node_ids[0], p.node_ids[1]
+    evil_c, evil_s = protocol._crypto.new_keypair()[1], protocol._crypto.new_keypair()[1]  # noqa: SLF001
+    msg = keys[target]
+    forged = tuple(replace(e, c_pk=evil_c, s_pk=evil_s) if e.node == victim_peer else e for e in msg.keys)
+    # Keep the digest list consistent with the forged entry, as a careful attacker would.
+    fake_adv = messages.SignedAdvertise(p.round_id, victim_peer, evil_c, evil_s, adverts[1].cert, adverts[1].sig)
+    digests = tuple((n, hardened.digest(fake_adv) if n == victim_peer else d) for n, d in msg.digests)
+    for attempt in (replace(msg, keys=forged), replace(msg, keys=forged, digests=digests)):
+        with pytest.raises(PeerVerificationError):
+            hardened.client_share_keys(clients[target], attempt, idents[target])
+
+
+def test_a_forged_participant_is_rejected() -> None:
+    """The aggregator makes up a node's advert with keys of its own and a self-made certificate."""
+    p, idents, si = _fleet()
+    mallory = crypto.generate_keys()
+    node = p.node_ids[2]
+    fake_cert = authority.certify(si.device_of[node], mallory.public, mallory).blob  # not the authority's signature
+    c_pk, s_pk = protocol._crypto.new_keypair()[1], protocol._crypto.new_keypair()[1]  # noqa: SLF001
+    sig = crypto.sign(hardened._advert_payload(p.round_id, node, c_pk, s_pk), mallory,  # noqa: SLF001
+                      aad=crypto.AssociatedData(p.round_id, si.device_of[node], hardened.ADVERT_KIND))
+    forged = messages.SignedAdvertise(p.round_id, node, c_pk, s_pk, fake_cert, sig)
+    with pytest.raises(PeerVerificationError):
+        hardened.check_advert(idents[p.node_ids[0]], p.round_id, forged, node)
+    # A real device's certificate for the wrong node is refused too.
+    stolen = replace(forged, cert=idents[p.node_ids[3]].cert)
+    with pytest.raises(PeerVerificationError):
+        hardened.check_advert(idents[p.node_ids[0]], p.round_id, stolen, node)
+    # An honest aggregator drops such an advert instead of relaying it.
+    honest = []
+    for u in p.node_ids:
+        if u != node:
+            honest.append(hardened.client_advertise(p, u, idents[u])[1])
+    srv, keys = hardened.server_collect_adverts(hardened.server_init(p), honest + [forged], si)
+    assert node not in dict(srv.digests) and node not in keys
+
+
+def test_the_graph_follows_the_adverts_not_the_aggregator() -> None:
+    """With a sparse graph the server cannot hand a device the neighbourhood of its own seed."""
+    p, idents, si = _fleet(n=40, t=protocol.default_threshold(40))
+    clients, adverts = {}, []
+    for u in p.node_ids:
+        clients[u], adv = hardened.client_advertise(p, u, idents[u])
+        adverts.append(adv)
+    srv, keys = hardened.server_collect_adverts(hardened.server_init(p), adverts, si)
+    derived = graph.build(p.node_ids, hardened.graph_seed(p.graph_seed, p.round_id, srv.digests))
+    steered = graph.build(p.node_ids, p.graph_seed)  # what the spec's seed alone would give
+    target = p.node_ids[0]
+    assert derived[target] != steered[target]
+    by_node = {a.sender: a for a in adverts}
+    bad = replace(keys[target], keys=tuple(messages.SignedEntry(n, by_node[n].c_pk, by_node[n].s_pk, by_node[n].cert,
+                                                                by_node[n].sig) for n in sorted(steered[target])))
+    with pytest.raises(PeerVerificationError, match="neighbourhood"):
+        hardened.client_share_keys(clients[target], bad, idents[target])
+    # Dropping the target's own advert from the list (to re-draw the graph without it) is caught.
+    no_me = replace(keys[target], digests=tuple((n, d) for n, d in keys[target].digests if n != target))
+    with pytest.raises(PeerVerificationError, match="own advert"):
+        hardened.client_share_keys(clients[target], no_me, idents[target])
+    hardened.client_share_keys(clients[target], keys[target], idents[target])  # the honest one passes
+
+
+def test_equivocating_unmask_requests_get_no_answer() -> None:
+    """The attack of issue 9: tell some survivors that u survived (they reveal b_u shares) and the
+    others that u dropped (they reveal s_u shares). Each device signs only what it was told, and
+    answers only with t neighbours' signatures on that same set: one side, at most, can answer."""
+    p, idents, si = _fleet()
+    _, _, qs = _inputs(p)
+    clients, srv, _ = _to_masked(p, idents, si, qs)
+    srv, req = hardened.server_request_consistency(srv)
+    u = p.node_ids[0]
+    others = [v for v in p.node_ids if v != u]
+    told_alive, told_dropped = others[:3], others[3:]
+    with_u = tuple(sorted(p.node_ids))
+    without_u = tuple(sorted(others))
+    sigs = {}
+    for v in told_alive:
+        clients[v], s = hardened.client_consistency(clients[v], replace(req[v], survivors=with_u), idents[v])
+        sigs[v] = s.sig
+    for v in told_dropped:
+        clients[v], s = hardened.client_consistency(clients[v], replace(req[v], survivors=without_u), idents[v])
+        sigs[v] = s.sig
+    answered = {"alive": 0, "dropped": 0}
+    for v in others:
+        surv = with_u if v in told_alive else without_u
+        r = messages.SignedUnmaskRequest(p.round_id, v, surv, tuple(sorted(set(p.node_ids) - set(surv))),
+                                         tuple(sorted(sigs.items())))
+        try:
+            hardened.client_unmask(clients[v], r, idents[v])
+            answered["alive" if v in told_alive else "dropped"] += 1
+        except PeerVerificationError:
+            pass
+    assert answered == {"alive": 0, "dropped": 0}  # 3 and 3 signatures: neither reaches t = 5
+    # Nor can a device be asked to sign twice (the aggregator's other way to collect signatures).
+    with pytest.raises(ProtocolError, match="already signed"):
+        hardened.client_consistency(clients[others[0]], req[others[0]], idents[others[0]])
+
+
+def test_a_threshold_below_the_bound_is_refused_by_devices() -> None:
+    with pytest.raises(ConfigError, match="more than half"):
+        protocol.SecAggParams(round_id=1, node_ids=tuple(range(7)), threshold=3, dim=4, graph_seed=bytes(32))
+
+
+def test_hardened_messages_round_trip_and_reject_junk() -> None:
+    from shared.errors import TruncatedError
+
+    p, idents, si = _fleet()
+    _, adv = hardened.client_advertise(p, p.node_ids[0], idents[p.node_ids[0]])
+    data = messages.encode(adv)
+    assert messages.decode(data) == adv
+    with pytest.raises(TruncatedError):
+        messages.decode(data[:-1])
