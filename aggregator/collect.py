@@ -41,6 +41,7 @@ class RoundBook:
     replies: dict[str, Reply] = field(default_factory=dict)
     train_loss: dict[str, float] = field(default_factory=dict)  # plain rounds only: secure ones send it masked
     dropped: set[str] = field(default_factory=set)
+    reasons: dict[str, str] = field(default_factory=dict)  # device -> why it left the round (declined, offline, ...)
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     bytes_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> up/down kind -> bytes
@@ -48,7 +49,7 @@ class RoundBook:
     spec: M.RoundSpec | None = None
     idx: np.ndarray | None = None  # the round's shared index set
     # Secure aggregation: the stage being collected, who must answer it, and what arrived.
-    stage: str = "update"  # advertise, share, update, consistency, unmask
+    stage: str = "update"  # advertise, share, receipt, update, consistency, unmask
     expect: set[str] | None = None  # None: every participant
     inbox: dict[str, Any] = field(default_factory=dict)
     sa: Any = None  # shared.secagg.hardened.HardenedServer
@@ -60,6 +61,11 @@ class RoundBook:
     # Largest upload (sealed update bytes) a participant may announce in a manifest this round.
     max_upload: int = 0
     fleet_train_loss: float | None = None  # weighted mean over the devices in the aggregate
+
+    def drop(self, device: str, reason: str) -> None:
+        """The device leaves this round now: nobody waits for it (first reason kept)."""
+        self.dropped.add(device)
+        self.reasons.setdefault(device, reason)
 
     def waiting_for(self) -> set[str]:
         expect = set(self.participants) if self.expect is None else self.expect
@@ -196,11 +202,13 @@ class Collector:
             self.online.pop(device, None)
             if self.book is not None and device in self.book.participants:
                 # Also when it is not awaited right now: a later secure-aggregation stage would be.
-                self.book.dropped.add(device)
+                self.book.drop(device, f"offline: {st.detail}" if st.detail else "offline")
                 log.warning("round %d: device %s went offline (%s); treating it as a dropout", self.book.rnd, device, st.detail)
         elif st.state == "declined":
-            if self.book is not None and device in self.book.waiting_for():
-                self.book.dropped.add(device)
+            # Whatever stage is being collected: a device declines while training, after it has
+            # answered the key stages, and the update stage must not wait for it.
+            if self.book is not None and device in self.book.participants and device not in self.book.replies:
+                self.book.drop(device, f"declined: {st.detail}")
                 log.warning("round %d: device %s declined: %s", self.book.rnd, device, st.detail)
         else:
             if device not in self.online:
@@ -215,24 +223,22 @@ class Collector:
             raise ReplayError(f"update from {device} for round {up.round}; current round is {b.rnd if b else 'none'}")
         if device not in b.participants:
             raise ReplayError(f"{device} is not a participant of round {b.rnd}")
-        if up.seq <= self.last_seq.get(device, 0):
-            raise ReplayError(f"repeated (device, round, seq) = ({device}, {up.round}, {up.seq})")
         if device in b.replies:
+            # A replay of what we already hold (or a second try): no effect on the round.
+            if up.seq <= self.last_seq.get(device, 0):
+                raise ReplayError(f"repeated (device, round, seq) = ({device}, {up.round}, {up.seq})")
             raise ReplayError(f"second update from {device} in round {b.rnd}")
-        if up.base_digest != self.digest:
-            raise SchemaError(f"update from {device} is for base {up.base_digest[:12]}")
-        if up.num_examples < 1:
-            raise SchemaError(f"update from {device} claims {up.num_examples} examples")
-        spec = b.spec
-        want = M.MaskedUpdate if spec.secagg is not None else (M.Update if spec.sparse.method == "dense" else M.SparseUpdate)
-        if not isinstance(up, want):
-            raise SchemaError(f"round {b.rnd} takes {want.KIND!r} updates, {device} sent {type(up).KIND!r}")
-        if b.accept is not None:
-            reply = b.accept(device, up)
-        elif self.accept_plain is not None:
-            reply = self.accept_plain(b, device, up)
-        else:
-            raise ReplayError(f"update from {device}: round {b.rnd} takes no updates")
+        if b.stage != "update":
+            raise ReplayError(f"update from {device} after round {b.rnd}'s update stage ({b.stage}); ignored")
+        try:
+            reply = self._accept(b, device, up)
+        except ProtocolError as e:
+            # Authenticated, for this round, and still wrong (a stale base, a counter behind after
+            # a restart, a wrong size): the device cannot contribute this round, so nobody waits for it.
+            if device not in b.dropped:
+                b.drop(device, f"rejected: {type(e).__name__}: {e}")
+                log.warning("round %d: update from %s rejected (%s); it is a dropout this round", b.rnd, device, e)
+            raise
         self.last_seq[device] = up.seq
         b.replies[device] = reply
         if not isinstance(up, M.MaskedUpdate):
@@ -243,6 +249,24 @@ class Collector:
             (d / f"{device}.msgpack").write_bytes(M.encode(up))
         log.info("round %d: %s from %s (%d/%d)", b.rnd, type(up).KIND, device, len(b.replies), len(b.participants))
 
+    def _accept(self, b: RoundBook, device: str, up: Update) -> Reply:
+        if up.seq <= self.last_seq.get(device, 0):
+            raise ReplayError(f"repeated (device, round, seq) = ({device}, {up.round}, {up.seq})")
+        if up.base_digest != self.digest:
+            raise SchemaError(f"update from {device} is for base {up.base_digest[:12]}")
+        if up.num_examples < 1:
+            raise SchemaError(f"update from {device} claims {up.num_examples} examples")
+        spec = b.spec
+        assert spec is not None
+        want = M.MaskedUpdate if spec.secagg is not None else (M.Update if spec.sparse.method == "dense" else M.SparseUpdate)
+        if not isinstance(up, want):
+            raise SchemaError(f"round {b.rnd} takes {want.KIND!r} updates, {device} sent {type(up).KIND!r}")
+        if b.accept is not None:
+            return b.accept(device, up)
+        if self.accept_plain is not None:
+            return self.accept_plain(b, device, up)
+        raise ReplayError(f"update from {device}: round {b.rnd} takes no updates")
+
     def on_secagg(self, device: str, msg: M.SecAggMsg) -> None:
         b = self.book
         if b is None or b.spec is None or b.spec.secagg is None or msg.round != b.rnd:
@@ -251,7 +275,8 @@ class Collector:
             raise ReplayError(f"secure-aggregation message for {msg.device_id} arrived on {device}'s topic")
         inner = secagg.decode(msg.body)
         adv = hardened.SignedAdvertise if b.hardened else secagg.AdvertiseKeys
-        want = {"advertise": adv, "share": secagg.ShareKeys, "consistency": hardened.ConsistencySig,
+        want = {"advertise": adv, "share": secagg.ShareKeys, "receipt": secagg.BundleReceipt,
+                "consistency": hardened.ConsistencySig,
                 "unmask": secagg.UnmaskShares}.get(b.stage)
         if want is None or not isinstance(inner, want):
             raise ReplayError(f"{type(inner).__name__} from {device} during stage {b.stage!r}")
@@ -289,14 +314,21 @@ class Collector:
             log.warning("only %d of %d devices online after %.0fs; starting anyway", len(self.online), n, timeout_s)
 
     def collect(self, stage: str, expect: set[str], timeout_s: float) -> dict[str, Any]:
-        """Wait for one message of ``stage`` from each of ``expect`` (or the deadline)."""
+        """Wait for one message of ``stage`` from each of ``expect`` for at most ``timeout_s``.
+
+        Each stage has its own budget: a stage after the updates does not inherit the round's
+        spent deadline (which once gave the unmask stage no time at all). Devices that decline,
+        go offline or are rejected leave ``waiting_for`` at once, so nobody waits for them.
+        """
         b = self.book
         assert b is not None
         b.stage, b.expect, b.inbox = stage, set(expect), {}
-        self.pump(min(time.monotonic() + timeout_s, b.deadline))
+        self.pump(time.monotonic() + max(0.0, timeout_s))
         missing = b.waiting_for()
         if missing:
             log.warning("round %d: no %s message from %s; treating them as dropouts", b.rnd, stage, sorted(missing))
+            for d in missing:
+                b.reasons.setdefault(d, f"no {stage} message within {timeout_s:.3g} s")
         return b.inbox if stage != "update" else b.replies
 
     # -- sending -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class RoundRecord:
     participants: list[str] = field(default_factory=list)
     received: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    drop_reasons: dict[str, str] = field(default_factory=dict)  # device -> declined/offline/rejected/timeout reason
     rejected_messages: int = 0
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
@@ -70,7 +71,7 @@ class RoundRecord:
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"round": self.round, "status": self.status, "mode": self.mode,
                              "participants": self.participants, "received": self.received, "dropped": self.dropped,
-                             "rejected_messages": self.rejected_messages, "bytes_up": self.bytes_up,
+                             "drop_reasons": self.drop_reasons, "rejected_messages": self.rejected_messages, "bytes_up": self.bytes_up,
                              "bytes_down": self.bytes_down, "bytes_by_kind": self.bytes_by_kind,
                              "train_loss": self.train_loss, "fleet_train_loss": self.fleet_train_loss,
                              "sparse": self.sparse, "secagg": self.secagg,
@@ -92,7 +93,7 @@ class RoundRecord:
             round=int(d["round"]), status=str(d["status"]), mode=str(d.get("mode", "fedit")),
             student=ModelEvals(private, public), participants=list(d.get("participants", [])),
             received=list(d.get("received", [])), dropped=list(d.get("dropped", [])),
-            rejected_messages=int(d.get("rejected_messages", 0)), bytes_up=dict(d.get("bytes_up", {})),
+            drop_reasons=dict(d.get("drop_reasons", {})), rejected_messages=int(d.get("rejected_messages", 0)), bytes_up=dict(d.get("bytes_up", {})),
             bytes_down=dict(d.get("bytes_down", {})), bytes_by_kind=dict(d.get("bytes_by_kind", {})),
             train_loss=dict(d.get("train_loss", {})), fleet_train_loss=d.get("fleet_train_loss"),
             sparse=d.get("sparse"), secagg=bool(d.get("secagg", False)),

@@ -1,5 +1,5 @@
 """The SecAgg+ stage driver, hardened (``shared.secagg.hardened``): signed adverts, share keys,
-masked inputs, the consistency check, unmask; the mean only.
+bundle receipts, masked inputs, the consistency check, unmask; the mean only.
 
 Masked vectors are folded into one running sum as they arrive and never stored; only the
 unmasked sum of the survivors exists, and only if at least t survive. What comes out is the
@@ -20,10 +20,14 @@ from aggregator.collect import Collector, RoundBook
 from aggregator.strategy import Reply
 from shared import messages as M
 from shared import secagg, sparse, update_codec
-from shared.errors import ReplayError, SchemaError
+from shared.errors import ProtocolError, ReplayError, SchemaError
 from shared.secagg import hardened
 
 log = logging.getLogger(__name__)
+
+
+class AggregateRejected(ProtocolError):
+    """The unmasked aggregate fails its bounds check: the round is dropped, the model kept."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,12 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
     got = col.collect("share", {dev_of[u] for u in keys}, key_timeout_s)
     b.sa, out = hardened.server_collect_shares(b.sa, got.values())
     _relay(col, b, out)
+    if authority is not None:
+        # Receipts come back before the devices train: a neighbour whose bundle did not open is
+        # cut from the graph now, so it costs its own edges, not everyone's round.
+        got = col.collect("receipt", {dev_of[u] for u in b.sa.inner.u2}, key_timeout_s)
+        b.sa, peers = hardened.server_collect_receipts(b.sa, got.values())
+        _relay(col, b, peers)
     col.collect("update", {dev_of[u] for u in b.sa.inner.u2}, b.deadline - time.monotonic())
     if len(b.replies) < quorum:
         return None
@@ -111,6 +121,14 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
     weight, weighted_loss = update_codec.untail(summed[k + sl :], sa.clip)
     if weight <= 0:
         raise secagg.SecAggAbort(f"the contributors' summed weight is {weight:.3g}: nothing to average")
+    # The unmasked sum is checked before anything is applied: each weight is at most 1 and each
+    # value within +-clip, so a sum outside that is a broken unmask or a forged input, and the
+    # round is dropped rather than the model poisoned.
+    if weight > 1.01 * len(contributors) + 1e-6:
+        raise AggregateRejected(f"summed weight {weight:.4g} exceeds the {len(contributors)} contributors' maximum")
+    peak = float(np.max(np.abs(summed[:k]))) / weight if k else 0.0
+    if not np.isfinite(summed).all() or peak > 2 * sa.clip:
+        raise AggregateRejected(f"aggregate out of bounds: mean peak {peak:.4g} against clip {sa.clip:g}")
     sketch = None
     if sa.sketch_block:
         # Where the fleet's unsent mass is (a sum over devices, like everything else we learn).

@@ -239,6 +239,9 @@ class Aggregator:
             total = sum(r.num_examples for r in replies)
             b.fleet_train_loss = sum(r.num_examples * b.train_loss[r.device_id] for r in replies) / total
             mean = weighted_mean(replies) if self.cfg.sparse_method == "topk" else {}
+        bad = sorted(name for name, v in new.items() if not np.isfinite(v).all())
+        if bad:
+            raise secure_round.AggregateRejected(f"the new global adapter has non-finite values in {bad[:3]}")
         if self.cfg.sparse_method == "topk" and self.cfg.density < 1.0:
             self.scores = sparse.update_scores(self.scores, sparse.flatten(mean, self.layout), self.cfg.topk_beta)
             np.save(self.out / "sparse_scores.npy", self.scores, allow_pickle=False)
@@ -267,6 +270,8 @@ class Aggregator:
                 reason = f"{len(b.replies)} of {len(participants)} updates received, quorum is {self.cfg.quorum}"
         except secagg.SecAggAbort as e:
             new, reason = None, f"secure aggregation aborted: {e}"
+        except secure_round.AggregateRejected as e:
+            new, reason = None, f"aggregate rejected: {e}"
         except ProtocolError as e:  # e.g. unmask shares that rebuild a key not matching its public key
             new, reason = None, f"secure aggregation failed: {type(e).__name__}: {e}"
         finally:
@@ -288,7 +293,9 @@ class Aggregator:
         return RoundRecord(
             round=rnd, status="ok" if new is not None else "abandoned", mode=self.mode.name, student=student,
             teacher=teacher, participants=participants, received=sorted(received),
-            dropped=sorted(set(participants) - set(received)), rejected_messages=b.rejected, bytes_up=b.bytes_up,
+            dropped=sorted(set(participants) - set(received)),
+            drop_reasons={d: b.reasons.get(d, "not in the sum") for d in sorted(set(participants) - set(received))},
+            rejected_messages=b.rejected, bytes_up=b.bytes_up,
             bytes_down=b.bytes_down, bytes_by_kind=b.bytes_by_kind, train_loss=b.train_loss,
             fleet_train_loss=b.fleet_train_loss if new is not None else None,
             sparse={"method": sp.method, "k": sp.k, "dim": sp.dim} if sp else None,

@@ -303,6 +303,10 @@ class HardenedOursServer(OursServer):
         self.state, fwd = hardened.server_collect_shares(self.state, sk)
         return fwd
 
+    def collect_receipts(self, rc: list[Any]) -> Any:
+        self.state, mp = hardened.server_collect_receipts(self.state, rc)
+        return mp
+
     def add_masked(self, y: messages.MaskedInput) -> None:
         self.state = hardened.server_add_masked(self.state, y)
 
@@ -359,18 +363,27 @@ def run_hardened(n: int, d: int, drop_frac: float, seed: int, sample: set[int] |
             sk.append(m)
         fwd = srv("collect_shares", sk)
         del adv, nk, sk
+        # Receipts go out before training, so every device sends one; dropouts happen later.
+        rc = []
+        for u in ids:
+            down[u] += len(messages.encode(fwd[u]))
+            states[u], m = client(u, hardened.client_open_shares, states[u], fwd[u])
+            up[u] += len(messages.encode(m))
+            rc.append(m)
+        mp = srv("collect_receipts", rc)
+        del fwd, rc
         true_sum = np.zeros(d, dtype=np.float64)
         for u in ids:
             if u in dropped:
                 continue
-            down[u] += len(messages.encode(fwd[u]))
+            down[u] += len(messages.encode(mp[u]))
             x = make_input(u, d, seed)
             true_sum += np.clip(x, -CLIP, CLIP)
 
-            def stage2(st: Any, fw: messages.ForwardedShares, x: np.ndarray = x, u: int = u):
-                return hardened.client_masked_input(st, fw, quant.quantize(x, cfg, seed=u))
+            def stage2(st: Any, fw: messages.MaskPeers, x: np.ndarray = x, u: int = u):
+                return hardened.client_mask(st, fw, quant.quantize(x, cfg, seed=u))
 
-            states[u], y = client(u, stage2, states[u], fwd[u])
+            states[u], y = client(u, stage2, states[u], mp[u])
             up[u] += len(messages.encode(y))
             srv("add_masked", y)
             del y

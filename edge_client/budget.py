@@ -6,8 +6,17 @@ from shared.messages import RoundSpec
 from shared.profiles import DeviceProfile
 
 
-class BudgetExceeded(Exception):
+class Declined(Exception):
+    """This device will not contribute to the round; the message is the reason it publishes
+    (a signed "declined" status), so the aggregator stops waiting for it at once."""
+
+
+class BudgetExceeded(Declined):
     """The round asks for more than this device's profile allows; the device declines it."""
+
+
+class NonFiniteUpdate(Declined):
+    """Local training produced NaN or Inf: sending it (masked, nobody could tell) would poison the sum."""
 
 
 def check_model(profile: DeviceProfile, n_params: int) -> None:

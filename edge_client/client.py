@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_client import update_builder
-from edge_client.budget import BudgetExceeded, check_model, local_steps
+from edge_client.budget import Declined, NonFiniteUpdate, check_model, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
 from shared import authority, secagg, secure, sparse, tensors, topics, update_codec
@@ -66,6 +66,7 @@ class EdgeClient:
         self.sa_spec: M.RoundSpec | None = None
         self.sa_state: hardened.HardenedClient | None = None
         self.sa_ident: hardened.Identity | None = None
+        self.sa_built: tuple[Any, Any] | None = None  # this round's input, built, waiting for its mask peers
         self.residual = self._load_residual()
         self.last_train: Any = None  # the last round's fl_lm.train.TrainResult (stays on the device)
 
@@ -119,7 +120,7 @@ class EdgeClient:
         from fl_lm.train import train_lora
 
         if spec.base_digest != self.digest:
-            raise BudgetExceeded(f"round {spec.round} is for base {spec.base_digest[:12]}, this device has {self.digest[:12]}")
+            raise Declined(f"stale base: round {spec.round} is for base {spec.base_digest[:12]}, this device has {self.digest[:12]}")
         steps = local_steps(self.profile, spec)
         peft = self._peft_for(spec.lora)
         start = tensors.unpack(spec.adapter)
@@ -130,7 +131,12 @@ class EdgeClient:
                          seed=spec.seed + zlib.crc32(self.cfg.device_id.encode()) % 10_000)
         log.info("%s: round %d trained %d steps in %.1fs, loss %.3f -> %.3f",
                  self.cfg.device_id, spec.round, res.steps, time.monotonic() - t0, res.first_loss, res.last_loss)
-        return sub(get_adapter(peft), start), res
+        delta = sub(get_adapter(peft), start)
+        bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in delta.values())
+        if bad:
+            # Checked before clipping and masking: once masked, nobody could tell, and the sum is poisoned.
+            raise NonFiniteUpdate(f"non-finite update: {bad} of {sum(np.size(v) for v in delta.values())} values are NaN or Inf")
+        return delta, res
 
     def _flat(self, spec: M.RoundSpec, delta: dict[str, np.ndarray]) -> np.ndarray:
         flat = sparse.flatten(delta, sparse.Layout.from_tensors(delta))
@@ -305,7 +311,7 @@ class EdgeClient:
         self.publish_status("training", f"round {spec.round}")
         try:
             update = self.train_round(spec)
-        except BudgetExceeded as e:
+        except Declined as e:
             log.warning("%s: declining round %d: %s", me, spec.round, e)
             self.publish_status("declined", str(e))
             return True
@@ -351,7 +357,7 @@ class EdgeClient:
             self.sa_ident = hardened.Identity(device_of=dict(zip(sa.node_ids, spec.participants)), authority=self.authority,
                                               keys=self.keys, cert=self.cert)
             self.sa_state, adv = hardened.client_advertise(params, node, self.sa_ident)  # type: ignore[assignment]
-        self.sa_spec = spec
+        self.sa_spec, self.sa_built = spec, None
         self._send_secagg(spec.round, secagg.encode(adv))
         log.info("%s: round %d secure aggregation as node %d (t=%d, %d coordinates)", self.cfg.device_id, spec.round,
                  node, sa.threshold, spec.sparse.k)
@@ -374,7 +380,16 @@ class EdgeClient:
             self.sa_state, out = hardened.client_share_keys(state, inner, ident)
             self._send_secagg(spec.round, secagg.encode(out))
         elif isinstance(inner, secagg.ForwardedShares):
-            self.masked_round(spec, state, inner)
+            if ident is not None:
+                # Open the neighbours' bundles before training and say which failed: the
+                # aggregator cuts those pairs, and a garbage bundle cannot void our round.
+                self.sa_state, receipt = hardened.client_open_shares(state, inner)
+                self._send_secagg(spec.round, secagg.encode(receipt))
+            self.masked_round(spec, self.sa_state, inner)
+        elif isinstance(inner, secagg.MaskPeers):
+            if ident is None:
+                raise SchemaError("mask peers in a semi-honest round")
+            self.send_masked(spec, state, inner)
         elif isinstance(inner, hardened.ConsistencyRequest):
             if ident is None:
                 raise SchemaError("consistency request in a semi-honest round")
@@ -394,14 +409,15 @@ class EdgeClient:
             raise SchemaError(f"unexpected secure-aggregation message {type(inner).__name__} from the aggregator")
 
     def masked_round(self, spec: M.RoundSpec, state: hardened.HardenedClient, shares: secagg.ForwardedShares) -> None:
-        """Stage 2: train, build the clipped, sparse, quantized input, mask it, send it sealed."""
+        """Stage 2: train and build the clipped, sparse, quantized input; mask and send it now
+        (semi-honest) or once the aggregator names the peers to mask with (hardened)."""
         sa = spec.secagg
         assert sa is not None
         me = self.cfg.device_id
         self.publish_status("training", f"round {spec.round}")
         try:
             delta, res = self.train_delta(spec)
-        except BudgetExceeded as e:
+        except Declined as e:
             log.warning("%s: declining round %d: %s", me, spec.round, e)
             self.publish_status("declined", str(e))
             self.sa_spec = self.sa_state = None
@@ -410,7 +426,24 @@ class EdgeClient:
         built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples),
                                       train_loss=res.mean_loss)
         assert built.x is not None
-        self.sa_state, masked = hardened.client_masked_input(state, shares, built.x)
+        self.sa_built = (built, res)
+        if self.sa_ident is None:
+            self.send_masked(spec, state, shares)
+
+    def send_masked(self, spec: M.RoundSpec, state: hardened.HardenedClient,
+                    msg: secagg.ForwardedShares | secagg.MaskPeers) -> None:
+        sa = spec.secagg
+        assert sa is not None
+        me = self.cfg.device_id
+        if self.sa_built is None:
+            raise ProtocolError(f"{type(msg).__name__} before this device built its round-{spec.round} input")
+        built, res = self.sa_built
+        self.sa_built = None
+        if isinstance(msg, secagg.MaskPeers):
+            self.sa_state, masked = hardened.client_mask(state, msg, built.x)
+        else:
+            inner, masked = secagg.client_masked_input(state.inner, msg, built.x)
+            self.sa_state = replace(state, inner=inner)
         self._save_residual(built.residual)
         self._keep(spec.round, built.sent)
         self.seq += 1

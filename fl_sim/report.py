@@ -44,6 +44,17 @@ def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
         per = " | ".join(f"{r.eval[f]['loss']:.3f} / {_fmt(r.eval[f]['exact_match'], 2)}" for f in fams)
         lines.append(f"| {r.round} | {r.status} | {len(r.received)}/{len(r.participants)} | {r.mean_loss:.4f} | "
                      f"{_fmt(r.mean_exact_match)} | {per} |")
+    left = [(r.round, d, r.drop_reasons.get(d, "")) for r in rows for d in r.dropped]
+    abandoned = [(r.round, r.abandon_reason) for r in rows if r.status == "abandoned"]
+    if left or abandoned or any(r.rejected_messages for r in rows):
+        lines += ["", "## Devices that left a round, and why", "",
+                  "Declined (the device said why), offline (its last will), rejected (its update failed a check), "
+                  "or no message within the stage's deadline. Rejected messages counts every message refused.", ""]
+        lines += ["| round | device | reason |", "|---|---|---|"] + [f"| {rnd} | {d} | {why} |" for rnd, d, why in left]
+        lines += [""] + [f"- round {rnd} abandoned: {why}" for rnd, why in abandoned]
+        if any(r.rejected_messages for r in rows):
+            lines.append("- rejected messages: " + ", ".join(f"round {r.round}: {r.rejected_messages}"
+                                                           for r in rows if r.rejected_messages))
     if any(r.teacher or r.student.public for r in rows):
         lines += ["", "## Student and teacher per round", "",
                   "Mean held-out loss / exact match; *private* are the devices' families, *public* the aggregator's.", "",

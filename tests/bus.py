@@ -75,9 +75,11 @@ class FakeLink:
 
 
 class DropPlan:
-    """Which device dies before which stage in the current round: advertise, share, masked, unmask."""
+    """Which device dies before which stage in the current round: advertise, share, receipt,
+    masked, consistency, unmask."""
 
-    ORDER = ("advertise", "share", "unmask")  # the device's secagg uploads in order; "masked" is the update
+    # The device's secagg uploads in order (the hardened round); "masked" is the update.
+    ORDER = ("advertise", "share", "receipt", "consistency", "unmask")
 
     def __init__(self) -> None:
         self.drops: dict[str, str] = {}

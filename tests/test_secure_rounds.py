@@ -119,15 +119,16 @@ def test_no_dropout(fleet) -> None:
     assert kinds["up_secagg"] > 0 and kinds["down_secagg"] > 0 and kinds["up_update"] > 0  # key phase is counted
 
 
-@pytest.mark.parametrize("stage", ["advertise", "share", "masked", "unmask"])
+@pytest.mark.parametrize("stage", ["advertise", "share", "receipt", "masked", "consistency", "unmask"])
 @pytest.mark.parametrize("count", [1, N - T])
 def test_dropouts_at_each_stage(fleet, stage: str, count: int) -> None:
     drops = {f"device-{N - 1 - i}": stage for i in range(count)}
     rec, before, after = _round(fleet, drops)
     assert rec.sparse["method"] == "topk" or rec.round == 1  # later rounds: from the summed sketch
     # Devices that die before their masked input is sent are not in the sum; those that die
-    # while unmasking are: their self-masks are rebuilt from the others' shares.
-    in_sum = stage == "unmask"
+    # after it (before signing the survivor set, or while unmasking) are: their self-masks are
+    # rebuilt from the others' shares.
+    in_sum = stage in ("consistency", "unmask")
     expected = sorted(f"device-{i}" for i in range(N) if in_sum or f"device-{i}" not in drops)
     assert rec.received == expected
     _check_sum(fleet, rec, before, after)
@@ -144,6 +145,69 @@ def test_fewer_than_t_survivors_abort_and_leave_the_model(fleet, stage: str, cap
     np.testing.assert_array_equal(before, after)
     state = json.loads((agg.out / "state.json").read_text())
     assert state["round"] < rec.round  # no checkpoint for the aborted round
+
+
+def test_a_device_sealing_garbage_bundles_is_cut_and_the_round_completes(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 5 over the real aggregator and clients: device-4 seals garbage to every
+    neighbour. They report it in their receipts before training; it is cut from the graph, and
+    the round sums the other four exactly (it used to fail every neighbour's round)."""
+    from shared.secagg import hardened, messages
+
+    real = hardened.client_share_keys
+
+    def garbling(state, msg, ident):  # type: ignore[no-untyped-def]
+        state, out = real(state, msg, ident)
+        if ident.device_of[state.inner.node_id] == "device-4":
+            out = messages.ShareKeys(out.round_id, out.sender,
+                                     tuple(messages.Sealed(s.peer, bytes(len(s.blob))) for s in out.sealed))
+        return state, out
+
+    monkeypatch.setattr(hardened, "client_share_keys", garbling)
+    rec, before, after = _round(fleet, {})
+    assert rec.received == [f"device-{i}" for i in range(N - 1)]
+    _check_sum(fleet, rec, before, after)
+
+
+def test_a_device_with_a_non_finite_update_declines_and_nobody_waits_for_it(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: a device whose training produced NaN used to be awaited until the round deadline
+    and then void the round. It now refuses to mask it, says why, and the round goes on at once."""
+    import time
+
+    import torch
+
+    import fl_lm.train
+
+    agg, edges, _, _ = fleet
+    bad = edges[3]
+    real = fl_lm.train.train_lora
+
+    def nan_for_device_3(peft, *a, **kw):  # type: ignore[no-untyped-def]
+        res = real(peft, *a, **kw)
+        if peft is bad._peft:
+            with torch.no_grad():
+                next(p for n, p in peft.named_parameters() if "lora_" in n).fill_(float("nan"))
+        return res
+
+    monkeypatch.setattr(fl_lm.train, "train_lora", nan_for_device_3)
+    t0 = time.monotonic()
+    rec, before, after = _round(fleet, {})
+    took = time.monotonic() - t0
+    assert rec.status == "ok" and "device-3" not in rec.received and len(rec.received) == N - 1
+    assert rec.drop_reasons["device-3"].startswith("declined: non-finite update")
+    assert took < agg.cfg.round_timeout_s / 2, took  # measured: nobody sat out the 60 s deadline
+    _check_sum(fleet, rec, before, after)
+
+
+def test_an_out_of_bounds_aggregate_is_not_applied(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmasked sum is checked before it is applied: a summed weight no honest fleet can
+    produce drops the round, with the reason, and leaves the model."""
+    from shared import update_codec as uc
+
+    real = uc.untail
+    monkeypatch.setattr(uc, "untail", lambda tail, clip: (real(tail, clip)[0] * 1000, real(tail, clip)[1]))
+    rec, before, after = _round(fleet, {})
+    assert rec.status == "abandoned" and rec.abandon_reason.startswith("aggregate rejected")
+    np.testing.assert_array_equal(before, after)
 
 
 def test_replayed_stage_messages_are_rejected_and_the_round_completes(fleet) -> None:

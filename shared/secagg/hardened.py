@@ -12,6 +12,9 @@ What each addition stops (attacks of issue 9):
   the spec's seed *and* the digests of every advert the round counts (``graph_seed``), which the
   aggregator only knows once the devices' fresh keys are in. Every device gets the whole digest
   list, checks that its own advert is in it, and recomputes its neighbourhood.
+- A bad share bundle. Each device opens its neighbours' bundles before training and sends a
+  receipt naming those that fail; the server cuts those pairs and tells each device whom to mask
+  with (``MaskPeers``), so a device that sends garbage costs its own edges, not the round.
 - Equivocation about who dropped. Before unmasking, every survivor signs (round, hash of the
   digest list, survivor set) once; a device answers an unmask request only when at least t of
   its neighbours signed that same set, and it works out who dropped from its own view. With
@@ -30,16 +33,19 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from shared import authority, crypto
 from shared.errors import ProtocolError
 from shared.secagg import graph, protocol
-from shared.secagg.messages import (ConsistencyRequest, ConsistencySig, KeyEntry, NeighbourKeys, SignedAdvertise,
-                                    SignedEntry, SignedKeys, SignedUnmaskRequest, UnmaskRequest, UnmaskShares, encode)
+from shared.secagg.messages import (BundleReceipt, ConsistencyRequest, ConsistencySig, ForwardedShares, KeyEntry,
+                                    MaskedInput, MaskPeers, NeighbourKeys, SignedAdvertise, SignedEntry, SignedKeys,
+                                    SignedUnmaskRequest, UnmaskRequest, UnmaskShares, encode)
 
 __all__ = ["ConsistencyRequest", "ConsistencySig", "Identity", "PeerVerificationError", "SignedAdvertise", "SignedKeys",
-           "SignedUnmaskRequest", "client_advertise", "client_consistency", "client_masked_input", "client_share_keys",
+           "SignedUnmaskRequest", "client_advertise", "client_consistency", "client_mask", "client_open_shares", "client_share_keys",
            "client_unmask", "server_add_masked", "server_collect_adverts", "server_collect_consistency",
-           "server_collect_shares", "server_init", "server_request_consistency", "server_unmask"]
+           "server_collect_receipts", "server_collect_shares", "server_init", "server_request_consistency", "server_unmask"]
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +165,15 @@ def client_share_keys(state: HardenedClient, msg: SignedKeys, ident: Identity): 
     return replace(state, inner=inner, list_hash=list_hash(msg.digests), peer_sign=signers), out
 
 
-def client_masked_input(state: HardenedClient, msg, x):  # type: ignore[no-untyped-def]
-    inner, out = protocol.client_masked_input(state.inner, msg, x)
+def client_open_shares(state: HardenedClient, msg: ForwardedShares) -> tuple[HardenedClient, BundleReceipt]:
+    """Before training: open the neighbours' bundles; the receipt names the ones that failed."""
+    inner, out = protocol.client_open_shares(state.inner, msg)
+    return replace(state, inner=inner), out
+
+
+def client_mask(state: HardenedClient, msg: MaskPeers, x: np.ndarray) -> tuple[HardenedClient, MaskedInput]:
+    """After training: mask with the peers left after the cuts (a subset of the bundles we hold)."""
+    inner, out = protocol.client_mask(state.inner, msg, x)
     return replace(state, inner=inner), out
 
 
@@ -268,7 +281,15 @@ def server_collect_shares(state: HardenedServer, msgs):  # type: ignore[no-untyp
     return replace(state, inner=inner), out
 
 
-def server_add_masked(state: HardenedServer, msg) -> HardenedServer:  # type: ignore[no-untyped-def]
+def server_collect_receipts(state: HardenedServer, msgs: Iterable[BundleReceipt]
+                            ) -> tuple[HardenedServer, dict[int, MaskPeers]]:
+    inner, out = protocol.server_collect_receipts(state.inner, msgs)
+    return replace(state, inner=inner), out
+
+
+def server_add_masked(state: HardenedServer, msg: MaskedInput) -> HardenedServer:
+    if not state.inner.cut:
+        raise ProtocolError("masked input before the bundle receipts were collected")
     return replace(state, inner=protocol.server_add_masked(state.inner, msg))
 
 

@@ -177,15 +177,40 @@ class SignedUnmaskRequest:
     sigs: tuple[tuple[int, bytes], ...]  # (node, ConsistencySig.sig)
 
 
+@dataclass(frozen=True)
+class BundleReceipt:
+    """Stage 2, client -> server, before training: the neighbours whose share bundle did not open.
+
+    Each rejected pair is cut from the graph (neither side masks with, or reveals shares of, the
+    other), so one bad bundle costs an edge, not everyone's round.
+    """
+
+    round_id: int
+    sender: int
+    rejected: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MaskPeers:
+    """Stage 2 reply, server -> client: the neighbours to mask with, after the cuts."""
+
+    round_id: int
+    recipient: int
+    peers: tuple[int, ...]
+
+
 Message = Union[AdvertiseKeys, NeighbourKeys, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest,
-                UnmaskShares, SignedAdvertise, SignedKeys, ConsistencyRequest, ConsistencySig, SignedUnmaskRequest]
+                UnmaskShares, SignedAdvertise, SignedKeys, ConsistencyRequest, ConsistencySig, SignedUnmaskRequest,
+                BundleReceipt, MaskPeers]
 _KINDS: dict[type, int] = {AdvertiseKeys: 1, NeighbourKeys: 2, ShareKeys: 3, ForwardedShares: 4,
                            MaskedInput: 5, UnmaskRequest: 6, UnmaskShares: 7, SignedAdvertise: 8, SignedKeys: 9,
-                           ConsistencyRequest: 10, ConsistencySig: 11, SignedUnmaskRequest: 12}
+                           ConsistencyRequest: 10, ConsistencySig: 11, SignedUnmaskRequest: 12,
+                           BundleReceipt: 13, MaskPeers: 14}
 _BY_KIND = {v: k for k, v in _KINDS.items()}
 
 
-_TO_CLIENT = (NeighbourKeys, ForwardedShares, UnmaskRequest, SignedKeys, ConsistencyRequest, SignedUnmaskRequest)
+_TO_CLIENT = (NeighbourKeys, ForwardedShares, UnmaskRequest, SignedKeys, ConsistencyRequest, SignedUnmaskRequest,
+              MaskPeers)
 MAX_BLOB = 1 << 16  # a certificate or a signature: far below this
 
 
@@ -234,6 +259,10 @@ def encode(msg: Message) -> bytes:
         parts += [_ids(msg.survivors), msg.list_hash]
     elif isinstance(msg, ConsistencySig):
         parts.append(_blob(msg.sig))
+    elif isinstance(msg, BundleReceipt):
+        parts.append(_ids(msg.rejected))
+    elif isinstance(msg, MaskPeers):
+        parts.append(_ids(msg.peers))
     elif isinstance(msg, SignedUnmaskRequest):
         parts += [_ids(msg.survivors), _ids(msg.dropped), _U32.pack(len(msg.sigs))]
         for node, sig in msg.sigs:
@@ -317,6 +346,10 @@ def decode(data: bytes) -> Message:
         msg = ConsistencyRequest(round_id, node, r.ids(), r.take(_KEY))
     elif cls is ConsistencySig:
         msg = ConsistencySig(round_id, node, r.blob())
+    elif cls is BundleReceipt:
+        msg = BundleReceipt(round_id, node, r.ids())
+    elif cls is MaskPeers:
+        msg = MaskPeers(round_id, node, r.ids())
     elif cls is SignedUnmaskRequest:
         surv, drop = r.ids(), r.ids()
         sigs = tuple((r.u32(), r.blob()) for _ in range(r.count(8)))

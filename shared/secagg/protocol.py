@@ -33,8 +33,8 @@ import numpy as np
 
 from shared.errors import ConfigError, ProtocolError
 from shared.secagg import _crypto, graph, prg, shamir
-from shared.secagg.messages import (AdvertiseKeys, ForwardedShares, KeyEntry, MaskedInput, NeighbourKeys,
-                                    OwnedShare, Sealed, ShareKeys, UnmaskRequest, UnmaskShares)
+from shared.secagg.messages import (AdvertiseKeys, BundleReceipt, ForwardedShares, KeyEntry, MaskedInput, MaskPeers,
+                                    NeighbourKeys, OwnedShare, Sealed, ShareKeys, UnmaskRequest, UnmaskShares)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class ClientState:
     own_shares: tuple[bytes, bytes] = (b"", b"")
     received: Mapping[int, tuple[bytes, bytes]] = field(default_factory=dict)
     u2: frozenset[int] = frozenset()
+    opened: bool = False
 
 
 def _expect(state: ClientState, stage: int, round_id: int, recipient: int) -> None:
@@ -169,28 +170,62 @@ def client_share_keys(state: ClientState, msg: NeighbourKeys) -> tuple[ClientSta
     return new, ShareKeys(state.params.round_id, me, tuple(sealed))
 
 
-def client_masked_input(state: ClientState, msg: ForwardedShares,
-                        x: np.ndarray) -> tuple[ClientState, MaskedInput]:
-    """Stage 2: open the shares addressed to us, then mask ``x`` (uint32 from ``quant.quantize``)."""
+def _open_bundle(state: ClientState, s: Sealed) -> tuple[bytes, bytes]:
+    """One neighbour's (b share, s^SK share) addressed to us; ProtocolError if it does not open."""
+    p, me = state.params, state.node_id
+    key = _crypto.share_key(state.c_sk, state.peer_keys[s.peer].c_pk, p.round_id)
+    plain = _crypto.open_sealed(key, p.round_id, s.peer, me, s.blob)
+    if len(plain) != _BUNDLE.size + 2 * shamir.SHARE_BYTES or _BUNDLE.unpack(plain[:8]) != (s.peer, me):
+        raise _crypto.ShareDecryptionError(f"share bundle from {s.peer} names the wrong parties")
+    b_share, s_share = plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:]
+    for raw in (b_share, s_share):
+        if shamir.Share.from_bytes(raw).x != _x(me):
+            raise ProtocolError(f"share from {s.peer} is not evaluated at this client's point")
+    return b_share, s_share
+
+
+def client_open_shares(state: ClientState, msg: ForwardedShares) -> tuple[ClientState, BundleReceipt]:
+    """Stage 2a, before training: open the bundles addressed to us and report the ones that fail.
+
+    A bundle that does not open is its sender's fault (or the relay's): that pair is cut, not
+    this client's round. The relay repeating or inventing senders is still an error.
+    """
     _expect(state, 2, msg.round_id, msg.recipient)
+    if state.opened:
+        raise ProtocolError("share bundles already opened this round")
+    me = state.node_id
+    received: dict[int, tuple[bytes, bytes]] = {}
+    rejected: list[int] = []
+    for s in msg.sealed:
+        if s.peer not in state.peer_keys or s.peer == me or s.peer in received or s.peer in rejected:
+            raise ProtocolError(f"unexpected or repeated share bundle from node {s.peer}")
+        try:
+            received[s.peer] = _open_bundle(state, s)
+        except (ProtocolError, ValueError) as e:
+            log.warning("node %d: share bundle from node %d rejected (%s); cutting that pair", me, s.peer, e)
+            rejected.append(s.peer)
+    new = replace(state, received=received, opened=True)
+    return new, BundleReceipt(state.params.round_id, me, tuple(sorted(rejected)))
+
+
+def client_mask(state: ClientState, msg: MaskPeers, x: np.ndarray) -> tuple[ClientState, MaskedInput]:
+    """Stage 2b, after training: mask ``x`` (uint32 from ``quant.quantize``) with the peers the
+    server kept after the cuts; they must be peers whose shares this client holds."""
+    _expect(state, 2, msg.round_id, msg.recipient)
+    if not state.opened:
+        raise ProtocolError("mask peers before the share bundles were opened")
+    peers = frozenset(msg.peers)
+    if state.node_id in peers or not peers <= set(state.received):
+        raise ProtocolError("mask peers name nodes whose shares this client does not hold")
+    return _mask(replace(state, received={v: state.received[v] for v in sorted(peers)}), x)
+
+
+def _mask(state: ClientState, x: np.ndarray) -> tuple[ClientState, MaskedInput]:
     p, me = state.params, state.node_id
     x = np.asarray(x)
     if x.dtype != np.uint32 or x.shape != (p.dim,):
         raise ConfigError(f"input must be uint32 of shape ({p.dim},), got {x.dtype} {x.shape}")
-    received: dict[int, tuple[bytes, bytes]] = {}
-    for s in msg.sealed:
-        if s.peer not in state.peer_keys or s.peer == me or s.peer in received:
-            raise ProtocolError(f"unexpected or repeated share bundle from node {s.peer}")
-        key = _crypto.share_key(state.c_sk, state.peer_keys[s.peer].c_pk, p.round_id)
-        plain = _crypto.open_sealed(key, p.round_id, s.peer, me, s.blob)
-        if len(plain) != _BUNDLE.size + 2 * shamir.SHARE_BYTES or _BUNDLE.unpack(plain[:8]) != (s.peer, me):
-            raise _crypto.ShareDecryptionError(f"share bundle from {s.peer} names the wrong parties")
-        b_share, s_share = plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:]
-        for raw in (b_share, s_share):
-            if shamir.Share.from_bytes(raw).x != _x(me):
-                raise ProtocolError(f"share from {s.peer} is not evaluated at this client's point")
-        received[s.peer] = (b_share, s_share)
-    u2 = frozenset(received) | {me}
+    u2 = frozenset(state.received) | {me}
     if len(u2) < p.threshold:
         raise SecAggAbort(f"only {len(u2)} live neighbours after share keys, threshold {p.threshold}")
     y = x.copy()
@@ -198,8 +233,24 @@ def client_masked_input(state: ClientState, msg: ForwardedShares,
     for v in sorted(u2 - {me}):
         seed = _crypto.mask_seed(state.s_sk, state.peer_keys[v].s_pk, p.round_id)
         prg.add_mask(y, seed, _sign(me, v))
-    new = replace(state, stage=3, received=received, u2=u2)
+    new = replace(state, stage=3, u2=u2)
     return new, MaskedInput(p.round_id, me, y.astype("<u4", copy=False).tobytes())
+
+
+def client_masked_input(state: ClientState, msg: ForwardedShares,
+                        x: np.ndarray) -> tuple[ClientState, MaskedInput]:
+    """Stage 2 in one step (the semi-honest round without receipts): open, then mask ``x``.
+
+    Without a receipt the server cannot cut a pair, so here a bundle that fails to open fails
+    this client; the hardened round uses ``client_open_shares`` + ``client_mask`` instead.
+    """
+    x = np.asarray(x)
+    if x.dtype != np.uint32 or x.shape != (state.params.dim,):
+        raise ConfigError(f"input must be uint32 of shape ({state.params.dim},), got {x.dtype} {x.shape}")
+    state, receipt = client_open_shares(state, msg)
+    if receipt.rejected:
+        raise _crypto.ShareDecryptionError(f"share bundles from {list(receipt.rejected)[:5]} do not open")
+    return _mask(state, x)
 
 
 def client_unmask(state: ClientState, msg: UnmaskRequest) -> tuple[ClientState, UnmaskShares]:
@@ -234,6 +285,7 @@ class ServerState:
     u2: frozenset[int] = frozenset()
     u3: frozenset[int] = frozenset()
     acc: np.ndarray | None = None
+    cut: bool = False  # receipts collected: ``neighbours`` and ``u2`` are the cut graph
 
 
 @dataclass(frozen=True)
@@ -258,7 +310,7 @@ def _check_alive(state: ServerState, alive: frozenset[int], stage: str) -> None:
             raise SecAggAbort(f"node {u} has {live} live neighbours after {stage}, threshold {t}")
 
 
-def _fresh(state: ServerState, stage: int, msgs: Iterable[AdvertiseKeys | ShareKeys | UnmaskShares],
+def _fresh(state: ServerState, stage: int, msgs: Iterable[AdvertiseKeys | ShareKeys | BundleReceipt | UnmaskShares],
            allowed: frozenset[int] | Iterable[int]) -> dict[int, object]:
     """Keep one message per allowed sender for this round; log and drop the rest."""
     if state.stage != stage:
@@ -307,6 +359,43 @@ def server_collect_shares(state: ServerState, msgs: Iterable[ShareKeys]
     r = state.params.round_id
     out = {v: ForwardedShares(r, v, tuple(sorted(box, key=lambda s: s.peer))) for v, box in inbox.items()}
     return replace(state, stage=2, u2=u2, u3=frozenset()), out
+
+
+def server_collect_receipts(state: ServerState, msgs: Iterable[BundleReceipt]
+                            ) -> tuple[ServerState, dict[int, MaskPeers]]:
+    """Stage 2a: cut every pair a receipt rejects, then tell each client whom to mask with.
+
+    A node without a receipt, or left with fewer than t - 1 peers after the cuts (its input
+    could be neither unmasked nor kept private), leaves the round before anyone masks with it;
+    that can cascade, so this runs to a fixed point. What is left is the graph everyone masks
+    over, and the dropout recovery of stage 3 follows it.
+    """
+    if state.stage != 2 or state.cut or state.u3:
+        raise ProtocolError("receipts arrive once, before any masked input")
+    got: dict[int, BundleReceipt] = _fresh(state, 2, msgs, state.u2)  # type: ignore[assignment]
+    t = state.params.threshold
+    edges = {u: set((state.neighbours[u] & frozenset(got)) - {u}) for u in got}
+    for u, m in got.items():
+        for v in m.rejected:
+            if v in edges[u]:
+                log.warning("node %d rejected the share bundle of node %d: pair cut", u, v)
+                edges[u].discard(v)
+                edges.get(v, set()).discard(u)
+    short = [u for u in edges if len(edges[u]) + 1 < t]
+    while short:
+        for u in short:
+            log.warning("node %d has %d peers left after the cuts, threshold %d: it leaves the round",
+                        u, len(edges[u]), t)
+            for v in edges.pop(u):
+                if v in edges:
+                    edges[v].discard(u)
+        short = [u for u in edges if len(edges[u]) + 1 < t]
+    u2 = frozenset(edges)
+    neighbours = {**state.neighbours, **{u: frozenset(edges[u] | {u}) for u in u2}}
+    new = replace(state, neighbours=neighbours, u2=u2, cut=True)
+    _check_alive(new, u2, "bundle receipts")
+    r = state.params.round_id
+    return new, {u: MaskPeers(r, u, tuple(sorted(edges[u]))) for u in u2}
 
 
 def server_add_masked(state: ServerState, msg: MaskedInput) -> ServerState:

@@ -125,3 +125,59 @@ def test_repeated_manifests_do_not_keep_a_transfer_alive() -> None:
         clock[0] += 3
         assert r.start(m, sender="d") is False  # a repeat: accepted, but not activity
     assert r.expire() == [("d", m.xfer_id)]
+
+
+# -- issue 11: nobody waits for a device that cannot contribute ------------------------------------
+
+
+def _sealed(dev: DeviceKeys, agg_keys: DeviceKeys, device: str, **over: object) -> bytes:
+    fields = dict(round=2, device_id=device, seq=1, num_examples=3, steps=1, train_loss=0.5, payload="delta",
+                  base_digest="ab" * 32, tensors=tensors.pack({"w": np.ones(DIM, np.float32)}))
+    fields.update(over)
+    return secure.seal_message(M.Update(**fields), round=2, device_id=device, sender=dev, recipient=agg_keys.public)  # type: ignore[arg-type]
+
+
+def test_a_rejected_update_drops_its_sender_at_once(agg) -> None:
+    """A device on a stale base (or with its counter behind after a restart) is a dropout now,
+    with the reason recorded, instead of being awaited until the deadline."""
+    a, agg_keys, devs = agg
+    _upload(a, "dev-a", _sealed(devs["dev-a"], agg_keys, "dev-a", base_digest="cd" * 32))
+    assert "dev-a" in a.book.dropped and a.book.reasons["dev-a"].startswith("rejected: SchemaError")
+    assert a.book.waiting_for() == {"dev-b"}
+    a.col.last_seq["dev-b"] = 7  # dev-b restarted and its counter is behind
+    _upload(a, "dev-b", _sealed(devs["dev-b"], agg_keys, "dev-b", seq=3))
+    assert a.book.waiting_for() == set() and "ReplayError" in a.book.reasons["dev-b"]
+
+
+def test_a_replayed_update_does_not_drop_the_device_that_sent_it(agg) -> None:
+    a, agg_keys, devs = agg
+    data = _sealed(devs["dev-b"], agg_keys, "dev-b")
+    _upload(a, "dev-b", data)
+    _upload(a, "dev-b", data)  # the broker replays it
+    assert list(a.book.replies) == ["dev-b"] and "dev-b" not in a.book.dropped and a.book.rejected >= 1
+
+
+def test_a_declined_device_leaves_with_its_reason(agg) -> None:
+    a, agg_keys, devs = agg
+    st = M.DeviceStatus(device_id="dev-a", state="declined", detail="non-finite update: 3 of 9 values are NaN or Inf",
+                        num_examples=0, profile="x")
+    data = secure.sign_message(st, round=0, device_id="dev-a", key=devs["dev-a"])
+    a.dispatch(topics.up("dev-a", "status"), data, len(data))
+    assert a.book.waiting_for() == {"dev-b"} and a.book.reasons["dev-a"].startswith("declined: non-finite")
+
+
+def test_a_later_stage_gets_its_own_budget_after_a_spent_deadline(agg) -> None:
+    """The unmask stage once inherited min(now + key_timeout, deadline) = no time at all."""
+
+    class Quiet:
+        def get(self, timeout: float | None = None) -> None:
+            time.sleep(min(timeout or 0.0, 0.01))
+            return None
+
+    a, _, _ = agg
+    a.book.deadline = time.monotonic() - 1.0  # the update stage used the whole round budget
+    a.col.link = Quiet()
+    t0 = time.monotonic()
+    a.col.collect("unmask", {"dev-a"}, 0.4)
+    assert 0.35 <= time.monotonic() - t0 < 2.0
+    assert a.book.reasons["dev-a"] == "no unmask message within 0.4 s"

@@ -37,7 +37,9 @@ def _roundtrip(m):  # type: ignore[no-untyped-def]
     return out
 
 
-def _to_masked(p, idents, server_ident, inputs):  # type: ignore[no-untyped-def]
+def _to_masked(p, idents, server_ident, inputs, tamper=None):  # type: ignore[no-untyped-def]
+    """Run the round up to the masked inputs; ``tamper`` may rewrite one device's ShareKeys, and a
+    device missing from ``inputs`` sends its receipt but drops before masking."""
     clients, adverts = {}, []
     for u in p.node_ids:
         clients[u], adv = hardened.client_advertise(p, u, idents[u])
@@ -47,12 +49,42 @@ def _to_masked(p, idents, server_ident, inputs):  # type: ignore[no-untyped-def]
     shares = []
     for u, msg in keys.items():
         clients[u], out = hardened.client_share_keys(clients[u], _roundtrip(msg), idents[u])
-        shares.append(out)
+        shares.append(tamper(out) if tamper else out)
     srv, fwd = hardened.server_collect_shares(srv, shares)
+    receipts = []
     for u, msg in fwd.items():
-        clients[u], y = hardened.client_masked_input(clients[u], msg, inputs[u])
-        srv = hardened.server_add_masked(srv, y)
+        clients[u], rc = hardened.client_open_shares(clients[u], _roundtrip(msg))
+        receipts.append(_roundtrip(rc))
+    srv, peers = hardened.server_collect_receipts(srv, receipts)
+    for u, msg in peers.items():
+        if u in inputs:
+            clients[u], y = hardened.client_mask(clients[u], _roundtrip(msg), inputs[u])
+            srv = hardened.server_add_masked(srv, y)
     return clients, srv, keys
+
+
+def _finish(p, clients, srv, idents):  # type: ignore[no-untyped-def]
+    srv, req = hardened.server_request_consistency(srv)
+    sigs = []
+    for u, r in req.items():
+        clients[u], sg = hardened.client_consistency(clients[u], _roundtrip(r), idents[u])
+        sigs.append(_roundtrip(sg))
+    srv, unmask = hardened.server_collect_consistency(srv, sigs)
+    answers = []
+    for u, r in unmask.items():
+        clients[u], a = hardened.client_unmask(clients[u], _roundtrip(r), idents[u])
+        answers.append(_roundtrip(a))
+    return hardened.server_unmask(srv, answers)
+
+
+def _garble(bad: int, victims=None):  # type: ignore[no-untyped-def]
+    """A device that seals garbage (right length, wrong bytes) to ``victims`` (default: everyone)."""
+    def tamper(m):  # type: ignore[no-untyped-def]
+        if m.sender != bad:
+            return m
+        return replace(m, sealed=tuple(messages.Sealed(s.peer, bytes(len(s.blob))) if victims is None or s.peer in victims
+                                       else s for s in m.sealed))
+    return tamper
 
 
 def _inputs(p, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -204,3 +236,53 @@ def test_hardened_messages_round_trip_and_reject_junk() -> None:
     assert messages.decode(data) == adv
     with pytest.raises(TruncatedError):
         messages.decode(data[:-1])
+
+
+def test_a_bad_bundle_sender_drops_alone_and_the_round_completes() -> None:
+    """Issue 9 item 5: garbage bundles to every neighbour used to fail every neighbour's round
+    after training. Now the receipts cut its pairs before anyone masks; it leaves, the rest sum."""
+    p, idents, si = _fleet()
+    cfg, floats, qs = _inputs(p)
+    bad = p.node_ids[2]
+    clients, srv, _ = _to_masked(p, idents, si, qs, tamper=_garble(bad))
+    assert bad not in srv.inner.u2 and len(srv.inner.u2) == len(p.node_ids) - 1
+    # Its masked input, sent anyway, is not counted.
+    y = messages.MaskedInput(p.round_id, bad, quant.quantize(floats[bad], cfg, 99).astype("<u4").tobytes())
+    srv = hardened.server_add_masked(srv, y)
+    res = _finish(p, clients, srv, idents)
+    assert bad not in res.contributors and len(res.contributors) == len(p.node_ids) - 1
+    got = quant.dequantize_sum(res.total, cfg, len(res.contributors))
+    want = sum(v for u, v in floats.items() if u != bad)
+    np.testing.assert_allclose(got, want, atol=quant.error_bound(cfg, len(p.node_ids)))
+
+
+def test_one_bad_bundle_cuts_one_pair_and_dropout_recovery_follows_the_cut_graph() -> None:
+    """Garbage to one neighbour only: that pair is cut, both stay in, and a device that drops after
+    its receipt is still recovered over the cut graph; the sum is exact."""
+    p, idents, si = _fleet()
+    cfg, floats, qs = _inputs(p)
+    bad, victim, late = p.node_ids[0], p.node_ids[1], p.node_ids[4]
+    clients, srv, _ = _to_masked(p, idents, si, {u: q for u, q in qs.items() if u != late},
+                                 tamper=_garble(bad, {victim}))
+    assert {bad, victim} <= srv.inner.u2 and victim not in srv.inner.neighbours[bad]
+    assert clients[victim].inner.u2 == frozenset(p.node_ids) - {bad}
+    res = _finish(p, clients, srv, idents)
+    assert set(res.contributors) == set(p.node_ids) - {late}
+    got = quant.dequantize_sum(res.total, cfg, len(res.contributors))
+    want = sum(v for u, v in floats.items() if u != late)
+    np.testing.assert_allclose(got, want, atol=quant.error_bound(cfg, len(p.node_ids)))
+
+
+def test_mask_peers_from_a_deviating_server_are_refused() -> None:
+    """The server cannot make a device mask with peers whose shares it lacks, nor with too few
+    (a device masked with nobody would be unmasked by its own b shares alone)."""
+    p, idents, si = _fleet()
+    _, _, qs = _inputs(p)
+    bad, victim = p.node_ids[0], p.node_ids[1]
+    clients, srv, _ = _to_masked(p, idents, si, {}, tamper=_garble(bad, {victim}))
+    st = clients[victim]
+    with pytest.raises(ProtocolError, match="does not hold"):
+        hardened.client_mask(st, messages.MaskPeers(p.round_id, victim, tuple(sorted(set(p.node_ids) - {victim}))),
+                             qs[victim])
+    with pytest.raises(protocol.SecAggAbort):
+        hardened.client_mask(st, messages.MaskPeers(p.round_id, victim, (p.node_ids[2],)), qs[victim])
