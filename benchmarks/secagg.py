@@ -267,16 +267,23 @@ def run_ours(n: int, d: int, drop_frac: float, seed: int, sample: set[int] | Non
         srv("unmask", replies)
         stats = srv.stats()
         got, n_contrib = srv("take_result")
+    return _checked("ours", got, true_sum, cfg, n_contrib, stats, p, ctime, up, dropped, sample)
+
+
+def _checked(name: str, got: np.ndarray, true_sum: np.ndarray, cfg: quant.QuantConfig, n_contrib: int,
+             stats: dict[str, Any], p: protocol.SecAggParams, ctime: dict[int, float], up: dict[int, int],
+             dropped: set[int], sample: set[int] | None) -> dict[str, Any]:
+    """Check the unmasked sum against the true one, then the row's figures (survivors only)."""
     err = float(np.abs(got - true_sum).max())
     bound = quant.error_bound(cfg, n_contrib)
     if err > bound:
-        raise AssertionError(f"ours: unmasked sum off by {err} > bound {bound}")
-    timed = [u for u in ids if (sample is None or u in sample)]
-    live = [u for u in timed if u not in dropped]
+        raise AssertionError(f"{name}: unmasked sum off by {err} > bound {bound}")
+    ids = list(p.node_ids)
+    live = [u for u in ids if (sample is None or u in sample) and u not in dropped]
     return {"client_s": float(np.mean([ctime[u] for u in live])), **server_fields(stats),
             "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
             "max_abs_err_sum": err, "error_bound_sum": bound, "threshold": p.threshold,
-            "k": graph.neighbourhood_size(n), "clients_timed": len(live)}
+            "k": graph.neighbourhood_size(len(ids)), "clients_timed": len(live)}
 
 
 # -------------------------------------------------------------------------------- ours, hardened
@@ -404,17 +411,8 @@ def run_hardened(n: int, d: int, drop_frac: float, seed: int, sample: set[int] |
         srv("unmask", replies)
         stats = srv.stats()
         got, n_contrib = srv("take_result")
-    err = float(np.abs(got - true_sum).max())
-    bound = quant.error_bound(cfg, n_contrib)
-    if err > bound:
-        raise AssertionError(f"hardened: unmasked sum off by {err} > bound {bound}")
-    timed = [u for u in ids if (sample is None or u in sample)]
-    live = [u for u in timed if u not in dropped]
-    return {"client_s": float(np.mean([ctime[u] for u in live])), **server_fields(stats),
-            "bytes_per_device": float(np.mean([up[u] for u in ids if u not in dropped])),
-            "down_bytes_per_device": float(np.mean([down[u] for u in ids if u not in dropped])),
-            "max_abs_err_sum": err, "error_bound_sum": bound, "threshold": p.threshold,
-            "k": graph.neighbourhood_size(n), "clients_timed": len(live)}
+    row = _checked("hardened", got, true_sum, cfg, n_contrib, stats, p, ctime, up, dropped, sample)
+    return {**row, "down_bytes_per_device": float(np.mean([down[u] for u in ids if u not in dropped]))}
 
 
 # ---------------------------------------------------------------------------------------- flower
