@@ -1,7 +1,7 @@
 """A small, blocking-friendly wrapper around a paho-mqtt v2 client.
 
 Network callbacks only enqueue; decoding, decryption and training happen on the caller's thread.
-Connect failures raise. Publishes are QoS 1 and wait for the PUBACK. MQTT 5 is tried first and
+Connect failures raise. Publishes are QoS 1 and wait for the PUBACK, across a broker outage. MQTT 5 is tried first and
 3.1.1 used when the broker refuses it (the embedded amqtt broker speaks 3.1.1 only), so the
 protocol relies on nothing v5-specific.
 """
@@ -219,6 +219,8 @@ class MqttLink:
         if self.will is not None:
             c.will_set(self.will[0], self.will[1], qos=1, retain=True)
         c.max_inflight_messages_set(20)
+        # Reconnect soon after an outage, backing off to 10 s while the broker stays away.
+        c.reconnect_delay_set(min_delay=1, max_delay=10)
         self._connect_rc = None
         self._connected.clear()
         self._connect_failed.clear()
@@ -245,14 +247,44 @@ class MqttLink:
             raise LinkError(f"subscribe {filt} failed: rc={rc}")
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0) -> int:
-        """QoS 1 publish that waits for the PUBACK; returns the PUBLISH packet's size in bytes."""
-        info = self._require().publish(topic, payload, qos=1, retain=retain)
-        try:
-            info.wait_for_publish(timeout=timeout)
-        except (RuntimeError, ValueError) as e:
-            raise LinkError(f"publish to {topic} failed: {e}") from e
-        if not info.is_published():
-            raise LinkError(f"publish to {topic}: no PUBACK within {timeout}s")
+        """QoS 1 publish that waits for the PUBACK; returns the PUBLISH packet's size in bytes.
+
+        A broker outage is not an error until ``timeout``: paho's network thread reconnects (with
+        backoff), and a publish made while disconnected, or cut off before its PUBACK, is sent
+        again once the link is back. A resend may deliver twice; receivers drop the repeat by its
+        (device, round, seq). Only a link still down at ``timeout`` raises ``LinkError``.
+        """
+        import paho.mqtt.client as mqtt
+
+        client = self._require()
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            left = deadline - time.monotonic()
+            if not self._connected.is_set():
+                if not waited:
+                    log.warning("%s: broker connection lost; holding a publish to %s until it is back (up to %.0fs)",
+                                self.client_id, topic, max(0.0, left))
+                    waited = True
+                if left <= 0 or not self._connected.wait(timeout=left):
+                    raise LinkError(f"publish to {topic}: not connected to the broker within {timeout:.0f}s")
+                continue
+            info = client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc == mqtt.MQTT_ERR_NO_CONN:
+                self._connected.clear()  # the callback may not have run yet
+                continue
+            try:
+                info.wait_for_publish(timeout=max(0.01, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as e:
+                if not self._connected.is_set() and time.monotonic() < deadline:
+                    continue  # lost before the PUBACK: send again once reconnected
+                raise LinkError(f"publish to {topic} failed: {e}") from e
+            if info.is_published():
+                break
+            if self._connected.is_set() or time.monotonic() >= deadline:
+                raise LinkError(f"publish to {topic}: no PUBACK within {timeout}s")
+        if waited:
+            log.info("%s: broker connection back; publish to %s went through", self.client_id, topic)
         n = publish_packet_size(topic, len(payload), 1, self.mqtt5)
         self.counter.add(self.counter.sent, topic, n)
         return n
