@@ -57,6 +57,39 @@ def load_state(out_dir: Path) -> State | None:
     return State(round=int(data["round"]), checkpoint=str(data["checkpoint"]), teacher_checkpoint=str(tc) if tc else None)
 
 
+ANNOUNCED = "announced.json"
+
+
+def mark_announced(out_dir: Path, rnd: int) -> None:
+    """Record, durably and before anyone hears of it, that round ``rnd`` is being announced.
+
+    Devices refuse a round number they have seen (a replay), so a restarted aggregator must never
+    announce one again: the masked sum and the devices' secrets of an interrupted round are gone,
+    so that round is abandoned and the next number is used instead.
+    """
+    tmp = out_dir / (ANNOUNCED + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps({"round": rnd}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / ANNOUNCED)
+
+
+def last_announced(out_dir: Path) -> int:
+    p = out_dir / ANNOUNCED
+    if not p.exists():
+        return 0
+    try:
+        return int(json.loads(p.read_text())["round"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p} is corrupt ({e}); it must hold the last announced round") from e
+
+
+def next_round(completed: int, announced: int) -> int:
+    """The first round number a (re)started aggregator may announce."""
+    return max(completed, announced) + 1
+
+
 def load_adapter(checkpoint: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 

@@ -58,6 +58,45 @@ class DistilSettings:
         require(self.student_lr > 0 and self.teacher_lr > 0, "distil.student_lr and teacher_lr must be > 0")
 
 
+MINILLM_ROLES = ("client", "server")
+
+
+@dataclass(frozen=True)
+class MiniLLMConfig:
+    """Sequence-level distillation with alternating roles (``mode = "fl-minillm"``).
+
+    A *client* round: the fleet teaches the aggregator's teacher. It samples continuations of
+    public prompts, the devices score them with their locally trained students, and only the
+    fleet's mean distribution (through secure aggregation) reaches the aggregator, which distils it
+    into the teacher with the MiniLLM objective. A *server* round: the teacher teaches the global
+    student (MiniLLM, teacher-mixed sampling), which is then the next round's global model.
+    """
+
+    roles: tuple[str, ...] = ("client", "server")  # cycled over the rounds, round 1 first
+    prompts: int = 16  # public prompts per round, all of one token length
+    max_new_tokens: int = 12
+    candidates: int = 8  # K: the teacher's top-k per position that the fleet scores (plus the rest)
+    steps: int = 6  # MiniLLM updates per round on the aggregator (server rounds: rollout batches)
+    student_lr: float = 2e-4
+    teacher_lr: float = 1e-4
+    alpha: float = 0.2  # teacher-mixed sampling in server rounds
+    gamma: float = 0.95
+    clip: float = 0.2
+    ppo_epochs: int = 2
+    lm_coef: float = 0.5  # LM loss on the public references beside the reverse KL (MiniLLM's L_PT)
+
+    def __post_init__(self) -> None:
+        require(bool(self.roles) and all(r in MINILLM_ROLES for r in self.roles),
+                f"minillm.roles must be a non-empty list of {MINILLM_ROLES}, got {self.roles!r}")
+        require(self.prompts >= 1 and self.max_new_tokens >= 1 and self.candidates >= 1,
+                "minillm.prompts, max_new_tokens and candidates must be >= 1")
+        require(self.steps >= 0 and self.ppo_epochs >= 1, "minillm.steps must be >= 0 and ppo_epochs >= 1")
+        require(self.student_lr > 0 and self.teacher_lr > 0, "minillm.student_lr and teacher_lr must be > 0")
+        require(0.0 <= self.alpha < 1.0 and 0.0 <= self.gamma <= 1.0 and 0.0 < self.clip < 1.0,
+                "minillm.alpha must be in [0, 1), gamma in [0, 1], clip in (0, 1)")
+        require(self.lm_coef >= 0, f"minillm.lm_coef must be >= 0, got {self.lm_coef}")
+
+
 @dataclass(frozen=True)
 class AggregatorConfig:
     broker: str  # mqtt://HOST:PORT or mqtts://HOST:PORT
@@ -88,6 +127,7 @@ class AggregatorConfig:
     public_data: str | None = None  # the aggregator's public examples (JSONL/text file or directory)
     public_eval_data: str | None = None  # held-out public examples, scored like eval_data
     distil: DistilSettings = field(default_factory=DistilSettings)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     eval_max_per_family: int = 50
@@ -182,10 +222,13 @@ class AggregatorConfig:
         require(0.0 <= self.server_momentum < 1.0 and 0.0 <= self.server_beta2 < 1.0 and self.server_tau > 0,
                 "server_momentum and server_beta2 must be in [0, 1), server_tau > 0")
         require(self.mode in MODES, f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
-        if self.mode == "fedkd":
+        if self.mode in ("fedkd", "fl-minillm"):
             require(self.teacher is not None and self.public_data is not None,
-                    "mode = fedkd needs teacher (a model id or path) and public_data (the aggregator's public "
+                    f"mode = {self.mode} needs teacher (a model id or path) and public_data (the aggregator's public "
                     "examples); set mode = \"fedit\" for LoRA FedAvg alone")
+        if self.mode == "fl-minillm" and "client" in self.minillm.roles:
+            require(self.secagg, "fl-minillm client rounds need secagg: the devices' distributions may only be seen "
+                                 "summed (or set minillm.roles = [\"server\"])")
 
 
 def load(path: str) -> AggregatorConfig:

@@ -54,15 +54,17 @@ def secagg_spec(c: AggregatorConfig, participants: list[str], online: dict[str, 
 
 def round_spec(c: AggregatorConfig, rnd: int, participants: list[str], *, global_state: dict[str, np.ndarray],
                layout: sparse.Layout, lora: M.LoraSpec, digest: str, online: dict[str, int],
-               scores: np.ndarray | None, sketch: np.ndarray | None) -> M.RoundSpec:
-    """The round's announcement: global adapter, index set and secure-aggregation settings."""
+               scores: np.ndarray | None, sketch: np.ndarray | None,
+               scoring: M.ScoringSpec | None = None) -> M.RoundSpec:
+    """The round's announcement: global adapter, index set, secure-aggregation settings and, in an
+    fl-minillm client-teacher round, the rollouts the devices score."""
     seed = c.seed * 100_003 + rnd
     sp = sparse_spec(c, layout.dim, seed, scores, sketch)
     sa = secagg_spec(c, participants, online, sp.method) if c.secagg else None
     return M.RoundSpec(round=rnd, participants=tuple(participants), local_steps=c.local_steps,
                        learning_rate=c.learning_rate, lora=lora, base_digest=digest,
                        deadline_s=c.round_timeout_s, seed=seed, adapter=tensors.pack(global_state),
-                       sparse=sp, secagg=sa)
+                       sparse=sp, secagg=sa, scoring=scoring)
 
 
 # Sealing adds an ephemeral key, nonce, tag, signature and the envelope's fields: well under this.
@@ -79,7 +81,7 @@ def upload_cap(spec: M.RoundSpec, global_state: dict[str, np.ndarray]) -> int:
     common = dict(round=spec.round, device_id="d" * 64, seq=2**63 - 1, num_examples=2**31 - 1, steps=2**31 - 1,
                   train_loss=0.0, base_digest=spec.base_digest)
     if sa is not None:
-        k = update_codec.secagg_dim(sp, sa)
+        k = update_codec.secagg_dim(sp, sa, spec.scoring)
         msg: M.Message = M.MaskedUpdate(masked=bytes(sparse.ring_bytes(k, sa.ring_bits)), **common)  # type: ignore[arg-type]
     elif sp.method == "dense":
         msg = M.Update(payload="delta", tensors=tensors.pack(global_state), **common)  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ class SecureResult:
     contributors: list[str]
     sketch: np.ndarray | None  # summed per-coordinate magnitude sketch / weight (global top-k)
     train_loss: float  # the contributors' weighted mean training loss (from the masked tail)
+    scores: np.ndarray | None = None  # fl-minillm client-teacher rounds: the fleet's weighted mean scoring vector
 
 
 def fold_masked(b: RoundBook, device: str, up: M.MaskedUpdate) -> Reply:
@@ -43,7 +44,7 @@ def fold_masked(b: RoundBook, device: str, up: M.MaskedUpdate) -> Reply:
     assert b.spec is not None and b.spec.secagg is not None
     if b.stage != "update" or b.sa is None:
         raise ReplayError(f"masked update from {device} outside the masked-input stage ({b.stage})")
-    sa, k = b.spec.secagg, update_codec.secagg_dim(b.spec.sparse, b.spec.secagg)
+    sa, k = b.spec.secagg, update_codec.secagg_dim(b.spec.sparse, b.spec.secagg, b.spec.scoring)
     if len(up.masked) != sparse.ring_bytes(k, sa.ring_bits):
         raise SchemaError(f"masked update from {device} has {len(up.masked)} bytes, expected "
                           f"{sparse.ring_bytes(k, sa.ring_bits)}")
@@ -74,7 +75,7 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
     b.node_of = dict(zip(spec.participants, sa.node_ids))
     dev_of = {n: d for d, n in b.node_of.items()}
     params = secagg.SecAggParams(round_id=b.rnd, node_ids=sa.node_ids, threshold=sa.threshold,
-                                 dim=update_codec.secagg_dim(spec.sparse, sa), graph_seed=sa.graph_seed)
+                                 dim=update_codec.secagg_dim(spec.sparse, sa, spec.scoring), graph_seed=sa.graph_seed)
     b.accept = lambda device, up: fold_masked(b, device, up)
     if authority is None:
         b.hardened = False
@@ -116,9 +117,9 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
     contributors = [dev_of[u] for u in res.contributors]
     total = update_codec.reduce_ring(res.total, sa.ring_bits)
     summed = secagg.dequantize_sum(total, update_codec.quant_config(sa), len(contributors))
-    k, sl = spec.sparse.k, update_codec.sketch_len(spec.sparse, sa)
+    k, sl, sc = spec.sparse.k, update_codec.sketch_len(spec.sparse, sa), update_codec.scoring_len(spec.scoring)
     # The weights arrive masked like the values: only their sum exists here.
-    weight, weighted_loss = update_codec.untail(summed[k + sl :], sa.clip)
+    weight, weighted_loss = update_codec.untail(summed[k + sl + sc :], sa.clip)
     if weight <= 0:
         raise secagg.SecAggAbort(f"the contributors' summed weight is {weight:.3g}: nothing to average")
     # The unmasked sum is checked before anything is applied: each weight is at most 1 and each
@@ -133,6 +134,7 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
     if sa.sketch_block:
         # Where the fleet's unsent mass is (a sum over devices, like everything else we learn).
         sketch = update_codec.expand_blocks(summed[k : k + sl] / weight, sa.sketch_block, spec.sparse.dim)
+    scores = update_codec.scores_from_sum(summed[k + sl : k + sl + sc], weight, sa.clip) if sc else None
     mean = sparse.scatter((summed[:k] / weight).astype(np.float32), b.idx, spec.sparse.dim)
     b.received = contributors
-    return SecureResult(sparse.unflatten(mean, layout), contributors, sketch, weighted_loss / weight)
+    return SecureResult(sparse.unflatten(mean, layout), contributors, sketch, weighted_loss / weight, scores)

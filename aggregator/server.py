@@ -111,6 +111,7 @@ class Aggregator:
         self.global_state: dict[str, np.ndarray] = {}  # the global student adapter (what rounds announce)
         self.mode: Mode | None = None
         self.round = 0
+        self.announced = 0  # the last round number ever announced (durable: checkpoint.ANNOUNCED)
         self.scores: np.ndarray | None = None  # momentum of aggregate magnitudes, for global top-k
         self.sketch: np.ndarray | None = None  # last round's summed magnitude sketch (secure aggregation)
         if cfg.secagg:
@@ -184,6 +185,11 @@ class Aggregator:
             log.info("resumed from %s (round %d)", st.checkpoint, st.round)
         else:
             self._checkpoint(0)
+        self.announced = checkpoint.last_announced(self.out)
+        if self.announced > self.round:
+            log.warning("round %d was announced but did not complete (the aggregator stopped during it, or it was "
+                        "abandoned): devices would refuse its number again, so the next round is %d, from round %d's "
+                        "model", self.announced, self.announced + 1, self.round)
         self.global_state = s.state
         self.layout = sparse.Layout.from_tensors(s.state)
         log.info("student %s (digest %s), mode %s, server optimizer %s, %d eval examples", c.student, s.digest[:12],
@@ -225,6 +231,8 @@ class Aggregator:
             if res is None:
                 return None
             b.fleet_train_loss = res.train_loss
+            if res.scores is not None:
+                self.mode.take_fleet(b.rnd, res.scores)
             if res.sketch is not None:
                 self.sketch = res.sketch
                 np.save(self.out / "sparse_sketch.npy", self.sketch, allow_pickle=False)
@@ -258,12 +266,15 @@ class Aggregator:
         try:
             if self.cfg.secagg and len(participants) < 2:
                 raise secagg.SecAggAbort(f"{len(participants)} participant(s); secure aggregation needs at least 2")
+            scoring = self.mode.scoring(rnd) if self.cfg.secagg else None  # fl-minillm client rounds
             b.spec = plan.round_spec(self.cfg, rnd, participants, global_state=self.global_state, layout=self.layout,
                                      lora=self.lora, digest=self.digest, online=self.online, scores=self.scores,
-                                     sketch=self.sketch)
+                                     sketch=self.sketch, scoring=scoring)
             b.idx = update_codec.round_indices(b.spec.sparse)
             b.max_upload = plan.upload_cap(b.spec, self.global_state)
             # announce, collect, aggregate
+            checkpoint.mark_announced(self.out, rnd)
+            self.announced = rnd
             self._announce(b)
             new = self._collect_and_aggregate(b)
             if new is None:
@@ -283,6 +294,12 @@ class Aggregator:
         else:
             self.student.set_state(new)
             distil = self.mode.distil(rnd)  # may move the student: the distilled one is the next global model
+            sc = b.spec.scoring if b.spec is not None else None
+            if distil is not None and sc is not None and b.spec is not None and b.spec.secagg is not None:
+                # What the fleet-as-teacher costs each device: the rollouts down, the masked scores up.
+                distil["scoring_values"] = sc.values
+                distil["scoring_up_bytes_per_device"] = sparse.ring_bytes(sc.values, b.spec.secagg.ring_bits)
+                distil["scoring_down_bytes_per_device"] = sum(len(t.data) for t in sc.tensors)
             self.global_state = self.student.state
             self._checkpoint(rnd)
         self.round = rnd
@@ -319,13 +336,13 @@ class Aggregator:
         self.connect()
         metrics = self.out / "metrics.jsonl"
         try:
-            if self.round == 0:
+            if self.round == 0 and self.announced == 0:
                 assert self.mode is not None
                 student, teacher = self.evaluate()
                 record.append(metrics, RoundRecord(round=0, status="baseline", mode=self.mode.name, student=student, teacher=teacher))
                 log.info("round 0 (before training): mean held-out loss %.4f", student.private.mean_loss)
             self.wait_for_devices()
-            for rnd in range(self.round + 1, self.cfg.rounds + 1):
+            for rnd in range(checkpoint.next_round(self.round, self.announced), self.cfg.rounds + 1):
                 if len(self.online) < self.cfg.quorum:
                     self.wait_for_devices()
                 rec = self.run_round(rnd)

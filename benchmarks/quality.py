@@ -18,6 +18,8 @@ Every final model is scored here, by one evaluator, from its PEFT checkpoint:
   and ROUGE-L (rouge-score) of greedy answers, beside the uniform (ln V) and unigram baselines;
   a part no device holds is the aggregator's public set;
 - fedkd-xtok: fedkd with a teacher that has its own tokenizer (MinED + DTW alignment).
+- fl-minillm (``--methods ...,fl-minillm``; not in the default set until it has been measured):
+  sequence-level distillation with alternating roles, the fleet's scores under secure aggregation.
 
     python benchmarks/quality.py            # full: 2 seeds, both data sets
     python benchmarks/quality.py --quick    # smoke run (< 2 minutes): synthetic, 1 seed, 2 rounds
@@ -170,6 +172,8 @@ def score(model: Any, tok: Any, sets: dict[str, list[Example]], st: Setup) -> di
         tot_loss, tot_tok = _token_loss(model, tok, exs, st.max_len)
         out["perplexity"] = math.exp(tot_loss / tot_tok)
         out["rouge_l"] = rouge_l(model, tok, exs, st)
+        # Pure sampling (top-k 0, top-p 1, T 1), as MiniLLM scores long generations, beside greedy.
+        out["rouge_l_sampled"] = rouge_l(model, tok, exs, st, sample=True)
     return out
 
 
@@ -368,14 +372,14 @@ def one_seed(st: Setup, seed: int, work: Path, methods: list[str], quick: bool) 
             model, tk = train_in_process(models["student"], balanced([e for s in d.shards for e in s] + d.public),
                                          budget * st.devices, st, seed)
             res[m] = eval_all(model, tk, d, st)
-        elif m in ("fedit", "fedkd", "fedkd_xtok"):
+        elif m in ("fedit", "fedkd", "fedkd_xtok", "fl-minillm"):
             student, teacher = models["student"], models["teacher"]
             if m == "fedkd_xtok":
                 xt = build_default(work / "models_xtok", seed, st.student_pretrain, public=d.public,
                                    teacher_pretrain_steps=st.teacher_pretrain, teacher_tokenizer="metaspace", generic=not st.text)
                 teacher = xt["teacher"]  # its own tokenizer; the student stays the one every method uses
-            sim = run_sim(work, m, layout, student, teacher if m != "fedit" else None, "fedit" if m == "fedit" else "fedkd",
-                          st, seed, quick)
+            mode = m if m in ("fedit", "fl-minillm") else "fedkd"
+            sim = run_sim(work, m, layout, student, teacher if m != "fedit" else None, mode, st, seed, quick)
             model, tk = load_checkpoint(student, Path(sim["state"]["checkpoint"]))
             r = eval_all(model, tk, d, st)
             if m != "fedit":

@@ -345,7 +345,7 @@ class EdgeClient:
             raise SchemaError("device_topk sparsity cannot be securely aggregated")
         node = sa.node_ids[spec.participants.index(self.cfg.device_id)]
         params = secagg.SecAggParams(round_id=spec.round, node_ids=sa.node_ids, threshold=sa.threshold,
-                                     dim=update_codec.secagg_dim(spec.sparse, sa), graph_seed=sa.graph_seed)
+                                     dim=update_codec.secagg_dim(spec.sparse, sa, spec.scoring), graph_seed=sa.graph_seed)
         if self.cfg.insecure:
             inner, adv = secagg.client_advertise(params, node)  # semi-honest: nothing to sign with
             self.sa_state = hardened.HardenedClient(inner, None)  # type: ignore[arg-type]
@@ -408,6 +408,18 @@ class EdgeClient:
         else:
             raise SchemaError(f"unexpected secure-aggregation message {type(inner).__name__} from the aggregator")
 
+    def score_rollouts(self, sc: M.ScoringSpec) -> np.ndarray:
+        """fl-minillm client-teacher round: this device's locally trained student scores the
+        aggregator's rollouts; the vector leaves the device only masked, inside the update."""
+        from fl_lm.fleet_teacher import score_rollouts
+
+        t = tensors.unpack(sc.tensors)
+        t0 = time.monotonic()
+        vec = score_rollouts(self._peft, np.array(t["ids"]), np.array(t["candidates"]), t["mask"].astype(bool), sc.prompt_len)
+        log.info("%s: scored %d rollouts x %d positions on %d candidates (%.1fs)", self.cfg.device_id, sc.rollouts,
+                 sc.positions, sc.k, time.monotonic() - t0)
+        return vec
+
     def masked_round(self, spec: M.RoundSpec, state: hardened.HardenedClient, shares: secagg.ForwardedShares) -> None:
         """Stage 2: train and build the clipped, sparse, quantized input; mask and send it now
         (semi-honest) or once the aggregator names the peers to mask with (hardened)."""
@@ -423,9 +435,22 @@ class EdgeClient:
             self.sa_spec = self.sa_state = None
             return
         self.last_train = res
+        scores = None
+        if spec.scoring is not None:
+            try:
+                scores = self.score_rollouts(spec.scoring)
+            except (ValueError, SchemaError) as e:
+                log.warning("%s: declining round %d: cannot score its rollouts: %s", me, spec.round, e)
+                self.publish_status("declined", f"cannot score the rollouts: {e}")
+                self.sa_spec = self.sa_state = None
+                return
         built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples),
-                                      train_loss=res.mean_loss)
+                                      train_loss=res.mean_loss, scores=scores)
         assert built.x is not None
+        if scores is not None and self.cfg.keep_sent:
+            d = self.work / "sent"
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / f"round_{spec.round:04d}_scores.npy", scores, allow_pickle=False)
         self.sa_built = (built, res)
         if self.sa_ident is None:
             self.send_masked(spec, state, shares)

@@ -62,11 +62,14 @@ def plain(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec) -> B
 
 
 def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa: M.SecAggSpec,
-           num_examples: int, rng_seed: np.random.SeedSequence | int | None = None, train_loss: float = 0.0) -> Built:
+           num_examples: int, rng_seed: np.random.SeedSequence | int | None = None, train_loss: float = 0.0,
+           scores: np.ndarray | None = None) -> Built:
     """Secure aggregation on: clip on the shared index set, weight, fixed-point encode into the ring.
 
     The weight and the weighted training loss ride in the masked tail (``update_codec.tail``), so
-    the aggregator learns the weighted mean without any device's weight or loss.
+    the aggregator learns the weighted mean without any device's weight or loss. ``scores`` (an
+    fl-minillm client-teacher round's scoring vector, probabilities in [0, 1]) go between the
+    sketch and the tail, weighted the same way: the aggregator learns only the fleet's mean.
     """
     idx = update_codec.round_indices(sp)
     assert idx is not None, "device_topk is refused with secure aggregation"
@@ -79,6 +82,8 @@ def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa:
         acc = delta if residual is None else delta + residual
         sketch = np.minimum(update_codec.block_magnitude(acc, sa.sketch_block), sa.clip)
         x_float = np.concatenate([x_float, sketch.astype(np.float64) * w])
+    if scores is not None:
+        x_float = np.concatenate([x_float, update_codec.scores_to_ring(scores, w, sa.clip)])
     x_float = np.concatenate([x_float, update_codec.tail(w, train_loss, sa.clip)])
     # Fresh OS entropy by default: a reproducible rounding pattern would be a side channel.
     x = quantize(x_float, update_codec.quant_config(sa), rng_seed if rng_seed is not None else np.random.SeedSequence())

@@ -95,3 +95,75 @@ def token_logp(target: FleetTarget, cand_ids: Any, tokens: Any) -> Any:
     hit = cand_ids == tokens[..., None]  # (B, N, K)
     p = (target.probs * hit.float()).sum(-1)  # (B, N)
     return torch.log(p.clamp_min(_FLOOR))
+
+
+def score_rollouts(model: Any, ids: np.ndarray, cand: np.ndarray, mask: np.ndarray, prompt_len: int) -> np.ndarray:
+    """A device's side of a client-teacher round: its (locally trained) model's scoring vector.
+
+    ids (B, P + N), cand (B, N, K), mask (B, N), from the signed round spec; returns
+    ``to_vector`` of its bucket probabilities, B*N*(K+1) values in [0, 1].
+    """
+    import torch
+
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if ids.min() < 0 or ids.max() >= vocab or cand.min() < 0 or cand.max() >= vocab:
+        raise ValueError(f"rollout or candidate ids outside this model's vocabulary of {vocab}")
+    n = cand.shape[1]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits  # (B, P+N, V)
+            resp = logits[:, prompt_len - 1 : prompt_len - 1 + n]  # (B, N, V): distribution of response token n
+            probs, rest = score(resp, torch.as_tensor(cand, dtype=torch.long))
+    finally:
+        model.train(was_training)
+    return to_vector(probs, rest, torch.as_tensor(mask, dtype=torch.bool))
+
+
+def fleet_step(model: Any, optimizer: Any, ids: Any, prompt_len: int, cand: Any, mask: Any, target: FleetTarget,
+               old_logp: Any, settings: Any, lm_batch: dict[str, Any] | None = None) -> dict[str, float]:
+    """The aggregator's side: ``settings.ppo_epochs`` MiniLLM updates of ``model`` (which sampled
+    the rollouts ``ids`` (B, P+N), log-probs ``old_logp`` (B, N)) towards the fleet's target.
+
+    The single-step term is exact on the K + 1 buckets the fleet scored; the long-term term takes
+    its rewards log p_fleet(y_t) - log q(y_t) from the sampled tokens, which every candidate set
+    holds. Sampling was from ``model`` itself (no teacher to mix in), so the importance weight is 1.
+    """
+    import torch
+
+    from fl_lm import kd
+    from fl_lm import minillm as ml
+
+    s = settings
+    tokens = ids[:, prompt_len:]  # (B, N)
+    with torch.no_grad():
+        rewards = ml.token_rewards(token_logp(target, cand, tokens), old_logp, mask)  # (B, N)
+        adv = ml.returns(rewards, mask, s.gamma, s.length_norm)
+        if s.whiten:
+            adv = ml.whiten(adv, mask)
+    zero = torch.zeros_like(old_logp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    stats: dict[str, float] = {}
+    for _ in range(s.ppo_epochs):
+        logits = ml.response_logits(model, ids, prompt_len)  # (B, N, V)
+        single = ml.single_step_term_candidates(logits, cand, target.probs, target.rest, mask)
+        pg = ml.pg_term(ml.token_logp(logits, tokens), old_logp, zero, adv, mask, s.clip)
+        loss = single + pg
+        lm = torch.zeros(())
+        if lm_batch is not None and s.lm_coef > 0:
+            out = model(input_ids=lm_batch["input_ids"], attention_mask=lm_batch.get("attention_mask")).logits
+            lm = kd.lm_loss(out[:, :-1], lm_batch["labels"][:, 1:])
+            loss = loss + s.lm_coef * lm
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        stats = {"loss": float(loss.detach()), "single_step": float(single.detach()), "pg": float(pg.detach()),
+                 "lm": float(lm.detach())}
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    m = mask.float()
+    stats["reward"] = float(rewards.sum() / m.sum().clamp_min(1.0))
+    return stats

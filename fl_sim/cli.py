@@ -22,8 +22,13 @@ def parse(argv: list[str] | None) -> SimSettings:
                     help="without --broker: embedded amqtt (no TLS) or a Mosquitto started with TLS, passwords and ACLs")
     ap.add_argument("--insecure", action="store_true", help="turn OFF end-to-end encryption and signatures (debug only)")
     ap.add_argument("--data", default=None, help="your JSONL/text: a directory with one file per device, or one file split across devices")
-    ap.add_argument("--mode", choices=("fedkd", "fedit"), default=d.mode,
-                    help="fedkd (default): FedAvg, then teacher<->student distillation on the aggregator's public set; fedit: FedAvg only")
+    ap.add_argument("--mode", choices=("fedkd", "fl-minillm", "fedit"), default=d.mode,
+                    help="fedkd (default): FedAvg, then teacher<->student distillation on the aggregator's public set; "
+                         "fl-minillm: FedAvg, then sequence-level distillation with the roles alternating (the fleet "
+                         "teaches the teacher under secure aggregation, then the teacher the student); fedit: FedAvg only")
+    ap.add_argument("--minillm-steps", type=int, default=d.minillm_steps, help="MiniLLM updates per round (fl-minillm)")
+    ap.add_argument("--minillm-roles", default=",".join(d.minillm_roles),
+                    help="fl-minillm: comma-separated roles cycled over the rounds (client = the fleet teaches)")
     ap.add_argument("--teacher", default=None, help="teacher id or path; default: the offline teacher built with the student")
     ap.add_argument("--teacher-tokenizer", choices=("same", "metaspace"), default=d.teacher_tokenizer,
                     help="offline teacher: the student's tokenizer, or a different one (aligned with MinED + DTW)")
@@ -66,6 +71,7 @@ def parse(argv: list[str] | None) -> SimSettings:
     if not vals.get("insecure"):
         vals.pop("insecure", None)
     vals["round_timeout_s"] = vals.pop("round_timeout")
+    vals["minillm_roles"] = tuple(r.strip() for r in vals["minillm_roles"].split(",") if r.strip())
     return from_dict(SimSettings, vals, "fl-sim")
 
 

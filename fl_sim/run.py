@@ -41,13 +41,15 @@ class SimSettings:
     public_eval_data: str | None = None
     local_steps: int = 40
     learning_rate: float = 1e-3  # higher rates make LoRA on the tiny student unstable (benchmarks/README.md)
-    mode: str = "fedkd"  # fedkd (FedAvg + mutual distillation with the teacher) or fedit (FedAvg only)
+    mode: str = "fedkd"  # fedkd (FedAvg + mutual distillation with the teacher), fl-minillm or fedit (FedAvg only)
     teacher: str | None = None  # teacher id or path; default: the offline teacher built with the student
     teacher_tokenizer: str = "same"  # offline teacher: the student's tokenizer, or its own (metaspace)
     teacher_pretrain_steps: int | None = None  # offline teacher; None: fl_sim.models_cli's default
     distil_steps: int = 20  # per round and direction (fedkd)
     distil_lr: float = 5e-4  # teacher -> student (fedkd); 1e-3 costs the student part of what the fleet taught it
     teacher_lr: float = 2.5e-4  # student -> teacher (fedkd); higher rates make the teacher forget public families
+    minillm_steps: int = 6  # fl-minillm: MiniLLM updates per round on the aggregator
+    minillm_roles: tuple[str, ...] = ("client", "server")  # fl-minillm: cycled over the rounds
     kd_loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
     lora_r: int = 16
     server_optimizer: str = "fedavg"
@@ -90,6 +92,11 @@ class SimSettings:
         require(self.mode in REGISTRY, f"mode must be one of {sorted(REGISTRY)}, got {self.mode!r}")
         require(self.teacher_tokenizer in ("same", "metaspace"), f"teacher_tokenizer must be same or metaspace, got {self.teacher_tokenizer!r}")
         require(self.distil_steps >= 0, f"distil_steps must be >= 0, got {self.distil_steps}")
+        require(self.minillm_steps >= 0, f"minillm_steps must be >= 0, got {self.minillm_steps}")
+        require(bool(self.minillm_roles) and all(r in ("client", "server") for r in self.minillm_roles),
+                f"minillm_roles must be client and/or server, got {self.minillm_roles!r}")
+        require(self.mode != "fl-minillm" or self.teacher_tokenizer == "same",
+                "mode fl-minillm needs the teacher to share the student's tokenizer (--teacher-tokenizer same)")
         require(self.distil_lr > 0 and self.teacher_lr > 0, "distil_lr and teacher_lr must be > 0")
         require(self.kd_loss in ("forward_kl", "reverse_kl", "jsd"), f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")
         require(1 <= self.lora_r <= 64, f"lora_r must be in 1..64, got {self.lora_r}")
@@ -289,7 +296,8 @@ def launch(s: SimSettings) -> Launched:
             **({"public_eval_data": str(paths.public_eval_dir)} if paths.public_eval_dir else {}),
             **({"teacher": teacher, "teacher_lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
                 "distil": {"loss": s.kd_loss, "student_steps": s.distil_steps, "teacher_steps": s.distil_steps,
-                           "student_lr": s.distil_lr, "teacher_lr": s.teacher_lr}}
+                           "student_lr": s.distil_lr, "teacher_lr": s.teacher_lr},
+                "minillm": {"steps": s.minillm_steps, "roles": list(s.minillm_roles)}}
                if s.mode != "fedit" else {}),
             **security["aggregator"], **logins.get("aggregator", {}),
         })

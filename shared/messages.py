@@ -119,6 +119,46 @@ class SecAggSpec:
             raise SchemaError("SecAggSpec: clip must be > 0, weight_norm >= 1 and sketch_block >= 0")
 
 
+# A scoring vector must stay far below one update: the device runs one forward pass over it.
+MAX_SCORING_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """fl-minillm client-teacher round: the aggregator's rollouts on public prompts, to be scored.
+
+    ``tensors`` holds ``ids`` (rollouts, prompts) int32 tokens, prompt then response, every
+    prompt ``prompt_len`` tokens long; ``candidates`` (rollouts, positions, k) int32 ids per
+    response position (the aggregator's top-k, the sampled token always among them); ``mask``
+    (rollouts, positions) uint8, 0 past a rollout's end. Each device returns, through secure
+    aggregation, its probabilities on the candidates plus the rest mass per position
+    (``fl_lm.fleet_teacher``): rollouts x positions x (k + 1) values after the update's values.
+    """
+
+    rollouts: int
+    positions: int
+    k: int
+    prompt_len: int
+    tensors: tuple[TensorBlob, ...]
+
+    def __post_init__(self) -> None:
+        if min(self.rollouts, self.positions, self.k, self.prompt_len) < 1:
+            raise SchemaError("ScoringSpec: rollouts, positions, k and prompt_len must be >= 1")
+        if self.values > MAX_SCORING_VALUES:
+            raise SchemaError(f"ScoringSpec: {self.values} scoring values exceed {MAX_SCORING_VALUES}")
+        want = {"ids": ("int32", (self.rollouts, self.prompt_len + self.positions)),
+                "candidates": ("int32", (self.rollouts, self.positions, self.k)),
+                "mask": ("uint8", (self.rollouts, self.positions))}
+        got = {t.name: (t.dtype, t.shape) for t in self.tensors}
+        if got != want or len(self.tensors) != len(want):
+            raise SchemaError(f"ScoringSpec: tensors {got} do not match {want}")
+
+    @property
+    def values(self) -> int:
+        """Length of the scoring vector each device adds to its secure input."""
+        return self.rollouts * self.positions * (self.k + 1)
+
+
 @dataclass(frozen=True)
 class RoundSpec(Message):
     """Broadcast by the aggregator to start a round. Carries the global adapter to start from."""
@@ -135,6 +175,11 @@ class RoundSpec(Message):
     adapter: tuple[TensorBlob, ...]  # global LoRA weights, PEFT state-dict names
     sparse: SparseSpec
     secagg: SecAggSpec | None  # None: secure aggregation off for this round
+    scoring: ScoringSpec | None = None  # fl-minillm client-teacher rounds only (needs secagg)
+
+    def __post_init__(self) -> None:
+        if self.scoring is not None and self.secagg is None:
+            raise SchemaError("RoundSpec: a scoring round needs secure aggregation (devices' outputs are only summed)")
 
 
 @dataclass(frozen=True)
@@ -242,9 +287,17 @@ KINDS: dict[str, type[Message]] = {c.KIND: c for c in (DeviceStatus, RoundSpec, 
 UPDATE_KINDS: tuple[type[Message], ...] = (Update, SparseUpdate, MaskedUpdate)
 
 
+def _absent_ok(f: dataclasses.Field[Any]) -> bool:
+    """A field added to version 1 later, with default None: omitted when None, so every message
+    that does not use it keeps its exact v1 bytes; a receiver that predates it refuses a message
+    that does use it (an unknown field), which is right: it could not honour it."""
+    return f.default is None
+
+
 def _to_wire(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (_absent_ok(f) and getattr(value, f.name) is None)}
     if isinstance(value, (tuple, list)):
         return [_to_wire(v) for v in value]
     return value
@@ -298,12 +351,13 @@ def _build(cls: Any, body: Any, where: str) -> Any:
     if not isinstance(body, dict):
         raise SchemaError(f"{where}: expected a map, got {type(body).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     extra = sorted(str(k) for k in set(body) - set(names))
-    missing = [n for n in names if n not in body]
+    missing = [f.name for f in fields if f.name not in body and not _absent_ok(f)]
     if extra or missing:
         raise SchemaError(f"{where}: unknown field(s) {extra}, missing field(s) {missing}")
-    kwargs = {n: _from_wire(body[n], hints[n], f"{where}.{n}") for n in names}
+    kwargs = {n: _from_wire(body[n], hints[n], f"{where}.{n}") for n in names if n in body}
     try:
         return cls(**kwargs)
     except ProtocolError:

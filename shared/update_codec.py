@@ -39,9 +39,24 @@ TAIL = 2
 LOSS_CAP = 20.0  # a training loss above this is reported as this (it only scales the tail slot)
 
 
-def secagg_dim(sp: M.SparseSpec, sa: M.SecAggSpec) -> int:
-    """Length of each device's secure-aggregation input: k values, the sketch, then the tail."""
-    return sp.k + sketch_len(sp, sa) + TAIL
+def scoring_len(sc: M.ScoringSpec | None) -> int:
+    return sc.values if sc is not None else 0
+
+
+def secagg_dim(sp: M.SparseSpec, sa: M.SecAggSpec, sc: M.ScoringSpec | None = None) -> int:
+    """Length of each device's secure-aggregation input: k values, the sketch, the scoring vector
+    of an fl-minillm client-teacher round, then the tail."""
+    return sp.k + sketch_len(sp, sa) + scoring_len(sc) + TAIL
+
+
+def scores_to_ring(scores: np.ndarray, w: float, clip: float) -> np.ndarray:
+    """Probabilities in [0, 1] -> values in [-clip, clip] (the quantizer's whole range), weighted."""
+    return (2.0 * np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0) - 1.0) * clip * w
+
+
+def scores_from_sum(summed: np.ndarray, weight: float, clip: float) -> np.ndarray:
+    """The summed scoring slots and the summed weight -> the contributors' weighted mean scores."""
+    return (np.asarray(summed, dtype=np.float64) / weight / clip + 1.0) / 2.0
 
 
 def tail(w: float, train_loss: float, clip: float) -> np.ndarray:

@@ -281,3 +281,43 @@ def test_sparse_rounds_without_secure_aggregation(tiny_models: dict[str, str], t
         up = rec.bytes_by_kind["device-0"]["up_update"]
         # fp16 values, plus about two bytes per index for per-device top-k, plus envelope and crypto
         assert up < k * (2 if method == "random" else 4.5) + 1500
+
+
+def test_a_restarted_aggregator_never_reuses_an_announced_round(fleet) -> None:
+    """Issue 11: killed mid-round and restarted with the same config, the aggregator re-announced
+    the same round number, every device refused it as a replay, and the round was lost after its
+    key timeout. Now the interrupted round stays abandoned and the next number goes out."""
+    from aggregator import checkpoint
+    from aggregator.server import Aggregator
+    from shared import topics
+    from tests.bus import FakeLink
+
+    agg, edges, plan, root = fleet
+    assert checkpoint.last_announced(agg.out) == agg.announced >= 1
+    lost = agg.round + 1
+
+    class Killed(BaseException):
+        pass
+
+    def die(*a, **kw):  # type: ignore[no-untyped-def]
+        raise Killed  # like kill -9 right after the announcement: the devices heard round `lost`
+
+    agg.col.collect = die
+    plan.start_round({}, edges)
+    with pytest.raises(Killed):
+        agg.run_round(lost)
+    for e in edges:
+        plan.step(e)  # the devices start round `lost` (and advertise keys nobody collects)
+    agg.link.pump = None
+    agg2 = Aggregator(agg.cfg)
+    agg2.load_model()
+    assert agg2.round == lost - 1 and agg2.announced == lost
+    np.testing.assert_array_equal(sparse.flatten(agg2.global_state, agg2.layout), sparse.flatten(agg.global_state, agg.layout))
+    agg2.link = FakeLink(agg.link.bus, "aggregator-2", pump=lambda: [plan.step(e) for e in edges])
+    agg2.link.subscribe(topics.up_filter())
+    agg2.wait_for_devices()
+    nxt = checkpoint.next_round(agg2.round, agg2.announced)
+    assert nxt == lost + 1
+    plan.start_round({}, edges)
+    rec = agg2.run_round(nxt)
+    assert rec.status == "ok" and rec.received == [f"device-{i}" for i in range(N)], rec.abandon_reason

@@ -11,6 +11,12 @@ from aggregator.record import ModelEvals
 class FedIT:
     name = "fedit"
 
+    def scoring(self, rnd: int) -> None:
+        return None
+
+    def take_fleet(self, rnd: int, scores: Any) -> None:
+        return None
+
     def distil(self, rnd: int) -> dict[str, Any] | None:
         return None
 

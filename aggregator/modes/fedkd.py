@@ -50,6 +50,12 @@ class FedKD:
                  c.teacher, self.teacher.params, ctx.student.params, len(ctx.public),
                  "one" if self.t2s.same else "different", "" if self.t2s.same else "s (MinED + DTW alignment)")
 
+    def scoring(self, rnd: int) -> None:
+        return None
+
+    def take_fleet(self, rnd: int, scores: Any) -> None:
+        return None
+
     def distil(self, rnd: int) -> dict[str, Any] | None:
         t0 = time.monotonic()
         seed = self.ctx.cfg.seed * 100_003 + rnd

@@ -59,11 +59,11 @@ def _opened_by(logs: Path, config: Path) -> list[str]:
     return found[0]
 
 
-@pytest.mark.parametrize("mode", ["fedit", "fedkd"])
+@pytest.mark.parametrize("mode", ["fedit", "fedkd", "fl-minillm"])
 def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, str], audited: Path, mode: str) -> None:
     s = SimSettings(devices=3, rounds=2, out=str(tmp_path / "run"), student=tiny_models["student"],
                     teacher=tiny_models["teacher"], mode=mode, local_steps=6, distil_steps=4, examples_per_family=30,
-                    eval_per_family=4, round_timeout_s=120.0)
+                    eval_per_family=4, round_timeout_s=120.0, minillm_steps=2)
     report = finish(launch(s))
     out = Path(s.out)
     rows = read(out / "metrics.jsonl")
@@ -83,6 +83,14 @@ def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, s
         assert state["round"] == 2 and state["teacher_checkpoint"].endswith("teacher/round_0002")
         text = report.read_text()
         assert "Student and teacher per round" in text and "Distillation on the aggregator took" in text
+    elif mode == "fl-minillm":
+        # Round 1: the fleet teaches the teacher (its scores only summed); round 2: the teacher the student.
+        assert [r.distil["role"] for r in rows[1:]] == ["client", "server"]
+        assert rows[1].distil["learner"] == "teacher" and rows[2].distil["learner"] == "student"
+        assert rows[1].distil["scoring_up_bytes_per_device"] > 0 and "scoring_values" not in rows[2].distil
+        assert all(r.distil["steps"] == 2 for r in rows[1:])
+        assert all(r.teacher is not None for r in rows)
+        assert (checkpoint_dir(out, 2, "teacher") / "adapter_model.safetensors").exists()
     else:
         assert all(r.teacher is None and r.distil is None for r in rows)
 
@@ -112,6 +120,18 @@ def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, s
             if (e.prompt + e.output).encode() in blob or json.dumps(e.input).encode() in text_blob:
                 leaked.append(e)
     assert not leaked, leaked[:3]
+
+
+def test_fl_minillm_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[str, str]) -> None:
+    s = SimSettings(devices=2, rounds=1, out=str(tmp_path / "run"), broker_mode="mosquitto", student=tiny_models["student"],
+                    teacher=tiny_models["teacher"], mode="fl-minillm", local_steps=4, examples_per_family=20,
+                    eval_per_family=3, round_timeout_s=120.0, minillm_steps=1)
+    run = launch(s)
+    assert run.broker.startswith("mqtts://")
+    finish(run)
+    rows = read(Path(s.out) / "metrics.jsonl")
+    assert [r.status for r in rows] == ["baseline", "ok"] and rows[1].secagg
+    assert rows[1].distil["role"] == "client" and rows[1].distil["scoring_up_bytes_per_device"] > 0
 
 
 def test_fedit_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[str, str]) -> None:

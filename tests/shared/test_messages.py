@@ -116,3 +116,28 @@ def test_every_truncation_is_rejected_with_a_typed_error() -> None:
 def test_trailing_bytes_rejected() -> None:
     with pytest.raises(SchemaError, match="trailing"):
         M.decode(M.encode(SAMPLES[0]) + b"\x00")
+
+
+def _scoring(b: int = 2, n: int = 3, k: int = 4, p: int = 5) -> M.ScoringSpec:
+    return M.ScoringSpec(rollouts=b, positions=n, k=k, prompt_len=p, tensors=tensors.pack({
+        "ids": np.arange(b * (p + n), dtype=np.int32).reshape(b, p + n),
+        "candidates": np.zeros((b, n, k), np.int32), "mask": np.ones((b, n), np.uint8)}))
+
+
+def test_a_scoring_round_spec_round_trips_and_needs_secure_aggregation() -> None:
+    base = SAMPLES[4]
+    assert isinstance(base, M.RoundSpec) and base.secagg is not None
+    from dataclasses import replace
+
+    spec = replace(base, scoring=_scoring())
+    back = M.decode(M.encode(spec))
+    assert back == spec and back.scoring is not None and back.scoring.values == 2 * 3 * 5
+    # Without a scoring spec the field is absent on the wire: v1 bytes unchanged (test_golden).
+    assert b"scoring" not in M.encode(base) and b"scoring" in M.encode(spec)
+    with pytest.raises(SchemaError, match="needs secure aggregation"):
+        replace(SAMPLES[1], scoring=_scoring())
+    with pytest.raises(SchemaError, match="do not match"):  # candidates of the wrong shape
+        M.ScoringSpec(rollouts=2, positions=3, k=4, prompt_len=5, tensors=tensors.pack({
+            "ids": np.zeros((2, 8), np.int32), "candidates": np.zeros((2, 3, 5), np.int32), "mask": np.ones((2, 3), np.uint8)}))
+    with pytest.raises(SchemaError, match="exceed"):
+        M.ScoringSpec(rollouts=1 << 12, positions=1 << 8, k=15, prompt_len=1, tensors=())
