@@ -17,7 +17,7 @@ import pytest
 
 from shared import update_codec
 from shared.secagg.quant import error_bound
-from tests.test_secure_rounds import N, _build_fleet, _round, _check_sum
+from tests.test_secure_rounds import CHI2_255, N, _build_fleet, _check_sum, _chi2_bytes, _round
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,14 @@ def test_the_aggregator_learns_the_fleets_mean_distribution_and_nothing_else(fle
     assert d["scoring_values"] == got.size and d["scoring_up_bytes_per_device"] > 0
     per = got.reshape(-1, 7).sum(-1)
     assert np.all((np.abs(per - 1) < 1e-3) | (np.abs(per) < 1e-3))
-    # No device's own scores are in anything the aggregator wrote.
+    # What it stored of each device (the masked vector, scores included) is uniform bytes, and no
+    # device's own scores are in anything it wrote.
     agg, _, _, root = fleet
+    from shared import messages as M
+
+    for dev in rec.received:
+        up = M.decode((agg.out / "received" / f"round_{rec.round:04d}" / f"{dev}.msgpack").read_bytes(), expect=M.MaskedUpdate)
+        assert _chi2_bytes(up.masked) < CHI2_255  # type: ignore[attr-defined]
     blob = b"".join(p.read_bytes() for p in Path(agg.out).rglob("*") if p.is_file())
     for dev in rec.received:
         mine = np.load(root / "edge" / dev / "sent" / f"round_{rec.round:04d}_scores.npy")

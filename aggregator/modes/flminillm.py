@@ -126,7 +126,12 @@ class FLMiniLLM:
             "mask": roll.mask.numpy().astype(np.uint8)}))
 
     def take_fleet(self, rnd: int, scores: Any) -> None:
+        """Keep the fleet's mean scores for this round's distillation, and write them: they are the
+        aggregate the aggregator is meant to learn (an auditor can check they are only that)."""
         self.fleet = (rnd, np.asarray(scores, dtype=np.float64))
+        d = self.ctx.out / "fleet"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"round_{rnd:04d}_scores.npy", self.fleet[1], allow_pickle=False)
 
     def distil(self, rnd: int) -> dict[str, Any] | None:
         t0 = time.monotonic()

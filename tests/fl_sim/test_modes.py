@@ -123,15 +123,30 @@ def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, s
 
 
 def test_fl_minillm_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[str, str]) -> None:
-    s = SimSettings(devices=2, rounds=1, out=str(tmp_path / "run"), broker_mode="mosquitto", student=tiny_models["student"],
+    """A client-teacher round over Mosquitto with TLS, passwords and ACLs: what the aggregator
+    learned (and wrote, under fleet/) is the example-weighted mean of the devices' scores, which
+    each device kept in clear for this check only (keep_sent)."""
+    import numpy as np
+
+    from shared import update_codec
+
+    s = SimSettings(devices=3, rounds=1, out=str(tmp_path / "run"), broker_mode="mosquitto", student=tiny_models["student"],
                     teacher=tiny_models["teacher"], mode="fl-minillm", local_steps=4, examples_per_family=20,
-                    eval_per_family=3, round_timeout_s=120.0, minillm_steps=1)
+                    eval_per_family=3, round_timeout_s=120.0, minillm_steps=1, keep_sent=True)
     run = launch(s)
     assert run.broker.startswith("mqtts://")
     finish(run)
-    rows = read(Path(s.out) / "metrics.jsonl")
-    assert [r.status for r in rows] == ["baseline", "ok"] and rows[1].secagg
+    out = Path(s.out)
+    rows = read(out / "metrics.jsonl")
+    assert [r.status for r in rows] == ["baseline", "ok"] and rows[1].secagg and len(rows[1].received) == 3
     assert rows[1].distil["role"] == "client" and rows[1].distil["scoring_up_bytes_per_device"] > 0
+    fleet = np.load(out / "fleet" / "round_0001_scores.npy")
+    n = {d: len(load_file(out / "data" / f"{d}.jsonl")) for d in rows[1].received}
+    w = {d: update_codec.weight(n[d], max(n.values())) for d in n}
+    mine = {d: np.load(out / "edge" / d / "sent" / "round_0001_scores.npy") for d in n}
+    want = sum(w[d] * mine[d] for d in n) / sum(w.values())
+    assert fleet.shape == want.shape and np.abs(fleet - want).max() < 1e-6  # 32-bit ring: the bound is ~1e-9
+    assert all(np.abs(mine[d] - fleet).max() > 1e-4 for d in n)  # no device's own scores are it (100x the check above)
 
 
 def test_fedit_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[str, str]) -> None:
