@@ -61,6 +61,10 @@ class RoundBook:
     # Largest upload (sealed update bytes) a participant may announce in a manifest this round.
     max_upload: int = 0
     fleet_train_loss: float | None = None  # weighted mean over the devices in the aggregate
+    enough: int = 0  # over-selection: the update stage closes once this many updates are in (0: all)
+
+    def closed_early(self) -> bool:
+        return self.stage == "update" and self.enough > 0 and len(self.replies) >= self.enough
 
     def drop(self, device: str, reason: str) -> None:
         """The device leaves this round now: nobody waits for it (first reason kept)."""
@@ -290,7 +294,7 @@ class Collector:
     def pump(self, until: float) -> None:
         """Handle incoming messages until ``until`` (monotonic) or until the round needs nobody else."""
         while time.monotonic() < until:
-            if self.book is not None and not self.book.waiting_for():
+            if self.book is not None and (not self.book.waiting_for() or self.book.closed_early()):
                 return
             inc = self.link.get(timeout=min(0.5, max(0.01, until - time.monotonic())))
             if inc is not None:
@@ -325,7 +329,12 @@ class Collector:
         b.stage, b.expect, b.inbox = stage, set(expect), {}
         self.pump(time.monotonic() + max(0.0, timeout_s))
         missing = b.waiting_for()
-        if missing:
+        if missing and b.closed_early():
+            log.info("round %d: %d updates in, enough (over-selection); %s are stragglers this round", b.rnd,
+                     len(b.replies), sorted(missing))
+            for d in missing:
+                b.drop(d, f"straggler: the round closed after {b.enough} updates (over-selection)")
+        elif missing:
             log.warning("round %d: no %s message from %s; treating them as dropouts", b.rnd, stage, sorted(missing))
             for d in missing:
                 b.reasons.setdefault(d, f"no {stage} message within {timeout_s:.3g} s")

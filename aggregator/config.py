@@ -106,6 +106,9 @@ class AggregatorConfig:
     devices: tuple[str, ...] = ()  # insecure mode: the allowed device ids; secure mode: from the registry
     rounds: int = 5
     clients_per_round: int = 0  # 0 = every online device
+    # Over-selection against stragglers: invite ceil(clients_per_round x overselect) devices and
+    # close the update stage as soon as clients_per_round updates are in (the rest are dropouts).
+    overselect: float = 1.0
     quorum: int = 1  # fewest updates for a round to count; fewer and it is abandoned
     min_devices_to_start: int = 1  # wait for this many online devices before a round
     wait_for_devices_s: float = 120.0
@@ -192,6 +195,9 @@ class AggregatorConfig:
                 require(False, f"devices: {e}")
         require(len(set(self.devices)) == len(self.devices), "devices has duplicates")
         require(self.clients_per_round >= 0, f"clients_per_round must be >= 0, got {self.clients_per_round}")
+        require(1.0 <= self.overselect <= 4.0, f"overselect must be in [1, 4], got {self.overselect}")
+        require(self.overselect == 1.0 or self.clients_per_round > 0,
+                "overselect > 1 needs clients_per_round (how many updates close the update stage)")
         require(self.quorum >= 1 and (not self.devices or self.quorum <= len(self.devices)),
                 f"quorum must be in 1..{len(self.devices) or 'n'}, got {self.quorum}")
         require(self.min_devices_to_start >= self.quorum, f"min_devices_to_start ({self.min_devices_to_start}) must be >= quorum ({self.quorum})")

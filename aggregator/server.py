@@ -14,6 +14,7 @@ evaluate, record.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -259,8 +260,11 @@ class Aggregator:
         assert self.student is not None and self.mode is not None
         t0 = time.monotonic()
         # plan
-        participants = self.strategy.configure_round(rnd, list(self.online))
-        self.book = b = RoundBook(rnd, participants, time.monotonic() + self.cfg.round_timeout_s)
+        c = self.cfg
+        invite = math.ceil(c.clients_per_round * c.overselect) if c.clients_per_round else 0
+        participants = self.strategy.configure_round(rnd, list(self.online), invite)
+        self.book = b = RoundBook(rnd, participants, time.monotonic() + self.cfg.round_timeout_s,
+                                  enough=c.clients_per_round if c.overselect > 1.0 else 0)
         new: dict[str, np.ndarray] | None = None
         reason = ""
         try:

@@ -32,7 +32,7 @@ class Reply:
 class Strategy(Protocol):
     name: str
 
-    def configure_round(self, rnd: int, online: Sequence[str]) -> list[str]: ...
+    def configure_round(self, rnd: int, online: Sequence[str], count: int = 0) -> list[str]: ...
 
     def aggregate(self, global_state: Tensors, replies: Sequence[Reply]) -> Tensors: ...
 
@@ -67,10 +67,12 @@ class FedAvg:
     seed: int = 0
     name: str = "fedavg"
 
-    def configure_round(self, rnd: int, online: Sequence[str]) -> list[str]:
+    def configure_round(self, rnd: int, online: Sequence[str], count: int = 0) -> list[str]:
+        """A seeded sample of ``count`` (default ``clients_per_round``; 0 = all) online devices."""
         ids = sorted(online)
-        if self.clients_per_round and len(ids) > self.clients_per_round:
-            ids = sorted(random.Random(f"{self.seed}:{rnd}").sample(ids, self.clients_per_round))
+        want = count or self.clients_per_round
+        if want and len(ids) > want:
+            ids = sorted(random.Random(f"{self.seed}:{rnd}").sample(ids, want))
         return ids
 
     def aggregate(self, global_state: Tensors, replies: Sequence[Reply]) -> Tensors:

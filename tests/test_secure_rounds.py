@@ -321,3 +321,14 @@ def test_a_restarted_aggregator_never_reuses_an_announced_round(fleet) -> None:
     plan.start_round({}, edges)
     rec = agg2.run_round(nxt)
     assert rec.status == "ok" and rec.received == [f"device-{i}" for i in range(N)], rec.abandon_reason
+
+
+def test_over_selection_closes_the_round_at_enough_updates(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """Issue 11, stragglers: invite 5 for 3 (overselect 5/3); the update stage closes at the third
+    update, the other two are stragglers (dropouts recovered by the unmasking), the sum is exact."""
+    fl = _build_fleet(tiny_models, tmp_path, clients_per_round=3, overselect=1.67)
+    rec, before, after = _round(fl, {})
+    assert rec.status == "ok" and len(rec.participants) == N and len(rec.received) == 3
+    stragglers = sorted(set(rec.participants) - set(rec.received))
+    assert all(rec.drop_reasons[d].startswith("straggler") for d in stragglers) and len(stragglers) == 2
+    _check_sum(fl, rec, before, after)
