@@ -14,29 +14,20 @@ import logging
 import time
 from typing import Any
 
-from aggregator.model import HostedModel
 from aggregator.modes import ModeContext
-from aggregator.record import ModelEvals
-from shared import messages as M
+from aggregator.modes.teacher import WithTeacher
 
 log = logging.getLogger(__name__)
 
 
-class FedKD:
+class FedKD(WithTeacher):
     name = "fedkd"
 
     def __init__(self, ctx: ModeContext) -> None:
         from fl_lm.distil import Distiller, KDSettings
 
+        super().__init__(ctx, self.name)
         c = ctx.cfg
-        assert c.teacher is not None
-        if not ctx.public:
-            raise ValueError("mode fedkd needs public examples (public_data)")
-        self.ctx = ctx
-        lora = M.LoraSpec(r=c.teacher_lora.r, alpha=c.teacher_lora.alpha, dropout=c.teacher_lora.dropout,
-                          target_modules=c.teacher_lora.target_modules)
-        self.teacher = HostedModel("teacher", c.teacher, lora, seed=c.seed + 1, max_seq_len=c.max_seq_len,
-                                   eval_batch_size=c.eval_batch_size)
         d = c.distil
         common = dict(kind=d.loss, beta=d.beta, temperature=d.temperature, top_k=d.top_k, kd_alpha=d.kd_alpha,
                       batch_size=d.batch_size, max_len=c.max_seq_len, selective=d.selective,
@@ -71,19 +62,6 @@ class FedKD:
                  to_t.steps, to_t.kd_first, to_t.kd_last, 100 * to_t.from_guide,
                  to_s.steps, to_s.kd_first, to_s.kd_last, 100 * to_s.from_guide)
         return out
-
-    def evaluate(self) -> ModelEvals | None:
-        priv = self.teacher.evaluate(self.ctx.eval_private)
-        pub = self.teacher.evaluate(self.ctx.eval_public) if self.ctx.eval_public else None
-        return ModelEvals(priv, pub)
-
-    def checkpoint_models(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.peft}
-
-    def resume(self, checkpoints: dict[str, str]) -> None:
-        if "teacher" in checkpoints:
-            self.teacher.load(checkpoints["teacher"])
-            log.info("teacher adapter resumed from %s", checkpoints["teacher"])
 
 
 def make(ctx: ModeContext) -> FedKD:

@@ -25,31 +25,24 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.model import HostedModel
 from aggregator.modes import ModeContext
-from aggregator.record import ModelEvals
+from aggregator.modes.teacher import WithTeacher
 from shared import messages as M
 from shared import tensors
 
 log = logging.getLogger(__name__)
 
 
-class FLMiniLLM:
+class FLMiniLLM(WithTeacher):
     name = "fl-minillm"
 
     def __init__(self, ctx: ModeContext) -> None:
         from fl_lm import align
         from fl_lm.minillm import MiniLLMSettings
 
+        super().__init__(ctx, self.name)
         c = ctx.cfg
-        assert c.teacher is not None
-        if not ctx.public:
-            raise ValueError("mode fl-minillm needs public examples (public_data)")
-        self.ctx, self.m = ctx, c.minillm
-        lora = M.LoraSpec(r=c.teacher_lora.r, alpha=c.teacher_lora.alpha, dropout=c.teacher_lora.dropout,
-                          target_modules=c.teacher_lora.target_modules)
-        self.teacher = HostedModel("teacher", c.teacher, lora, seed=c.seed + 1, max_seq_len=c.max_seq_len,
-                                   eval_batch_size=c.eval_batch_size)
+        self.m = c.minillm
         if align.vocab_digest(self.teacher.tok) != align.vocab_digest(ctx.student.tok):
             raise ValueError("mode fl-minillm needs the teacher to share the student's tokenizer (MiniLLM does not "
                              "align vocabularies); use mode fedkd for a teacher with its own")
@@ -187,19 +180,6 @@ class FLMiniLLM:
         return {"learner": "student", "steps": len(stats), "single_step_first": stats[0]["single_step"],
                 "single_step_last": stats[-1]["single_step"], "reward_first": stats[0]["reward"],
                 "reward_last": stats[-1]["reward"]}
-
-    def evaluate(self) -> ModelEvals | None:
-        priv = self.teacher.evaluate(self.ctx.eval_private)
-        pub = self.teacher.evaluate(self.ctx.eval_public) if self.ctx.eval_public else None
-        return ModelEvals(priv, pub)
-
-    def checkpoint_models(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.peft}
-
-    def resume(self, checkpoints: dict[str, str]) -> None:
-        if "teacher" in checkpoints:
-            self.teacher.load(checkpoints["teacher"])
-            log.info("teacher adapter resumed from %s", checkpoints["teacher"])
 
 
 def make(ctx: ModeContext) -> FLMiniLLM:
