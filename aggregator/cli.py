@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from shared.errors import ConfigError, ProtocolError
+from shared import cli
+from shared.cli import add_debug
 
 log = logging.getLogger("fl-agg")
 
@@ -39,6 +40,7 @@ def enroll(device_id: str, pubkey_file: Path, registry_path: Path, replace: bool
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-agg", description="FL-MiniLLM aggregator")
     ap.add_argument("--log-level", default="INFO")
+    add_debug(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run federated rounds")
     run.add_argument("--config", required=True, help="aggregator config (.json or .toml)")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from fl_mqtt.link import LinkError
 
-    try:
+    def body() -> None:
         if args.cmd == "keygen":
             keygen(args.out, args.force)
         elif args.cmd == "enroll":
@@ -83,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             from aggregator.server import Aggregator
 
             Aggregator(load(args.config)).run()
-    except (ConfigError, ProtocolError, LinkError, FileExistsError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    return 0
+
+    return cli.run(body, log, debug=args.debug, extra=(LinkError,))
 
 
 if __name__ == "__main__":

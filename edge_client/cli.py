@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from shared.errors import ConfigError, ProtocolError
+from shared import cli
+from shared.cli import add_debug
 
 log = logging.getLogger("fl-edge")
 
@@ -23,6 +24,7 @@ def keygen(out: Path, force: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-edge", description="FL-MiniLLM edge client")
     ap.add_argument("--log-level", default="INFO")
+    add_debug(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="connect to the broker and take part in rounds")
     run.add_argument("--config", required=True, help="device config (.json or .toml)")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from fl_mqtt.link import LinkError
 
-    try:
+    def body() -> None:
         if args.cmd == "keygen":
             keygen(args.out, args.force)
         else:
@@ -41,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             from edge_client.config import load
 
             EdgeClient(load(args.config)).run()
-    except (ConfigError, ProtocolError, LinkError, FileExistsError) as e:
-        log.error("%s", e)
-        return 2
-    return 0
+
+    return cli.run(body, log, debug=args.debug, extra=(LinkError,))
 
 
 if __name__ == "__main__":

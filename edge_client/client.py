@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_client import state as device_state
 from edge_client import update_builder
 from edge_client.budget import Declined, NonFiniteUpdate, check_model, local_steps
 from edge_client.config import EdgeConfig
@@ -40,7 +41,7 @@ class EdgeClient:
     def __init__(self, cfg: EdgeConfig) -> None:
         self.cfg = cfg
         self.profile = load_profile(cfg.profile)
-        self.examples: list[Example] = load_file(cfg.data)
+        self.examples: list[Example] = load_file(cfg.data, encoding=cfg.data_encoding)
         self.work = Path(cfg.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.keys = load_private_keys(cfg.keys) if cfg.keys and not cfg.insecure else None
@@ -54,14 +55,14 @@ class EdgeClient:
         self.policy = ChunkPolicy(max_message_bytes=cfg.chunk_bytes)
         self.outbox = UploadJournal(self.work / "outbox")
         self.downloads = Reassembler(max_transfers=4, max_transfer_bytes=1 << 30, max_total_bytes=1 << 30)
-        self.seq = 0
+        # Sequence number and last round seen survive a restart (edge_client/state.py).
+        self._state = device_state.load(self.work)
         self._model: Any = None
         self._tok: Any = None
         self._peft: Any = None
         self._lora: M.LoraSpec | None = None
         self.digest = ""
         self.link: Any = None
-        self.last_round = -1
         # Secure-aggregation round in progress: its spec and the protocol state between stages.
         self.sa_spec: M.RoundSpec | None = None
         self.sa_state: hardened.HardenedClient | None = None
@@ -69,6 +70,25 @@ class EdgeClient:
         self.sa_built: tuple[Any, Any] | None = None  # this round's input, built, waiting for its mask peers
         self.residual = self._load_residual()
         self.last_train: Any = None  # the last round's fl_lm.train.TrainResult (stays on the device)
+
+    # -- durable counters ------------------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        return self._state.seq
+
+    @property
+    def last_round(self) -> int:
+        return self._state.last_round
+
+    def _next_seq(self) -> int:
+        # Written before use: a crash after this wastes a number, never reuses one.
+        self._state = replace(self._state, seq=self._state.seq + 1)
+        device_state.save(self.work, self._state)
+        return self._state.seq
+
+    def _seen_round(self, rnd: int) -> None:
+        self._state = replace(self._state, last_round=rnd)
+        device_state.save(self.work, self._state)
 
     # -- error feedback ------------------------------------------------------------------------
     def _load_residual(self) -> np.ndarray | None:
@@ -156,8 +176,8 @@ class EdgeClient:
     def train_round(self, spec: M.RoundSpec) -> M.Update | M.SparseUpdate:
         """Secure aggregation off. Pure with respect to the network: RoundSpec in, update out."""
         delta, res = self.train_delta(spec)
-        self.seq += 1
-        common = dict(round=spec.round, device_id=self.cfg.device_id, seq=self.seq, num_examples=len(self.examples),
+        seq = self._next_seq()
+        common = dict(round=spec.round, device_id=self.cfg.device_id, seq=seq, num_examples=len(self.examples),
                       steps=res.steps, train_loss=res.mean_loss, base_digest=self.digest)
         if spec.sparse.method == "dense":
             self._keep(spec.round, sparse.flatten(delta, sparse.Layout.from_tensors(delta)))
@@ -299,7 +319,7 @@ class EdgeClient:
         assert isinstance(spec, M.RoundSpec)
         if me not in spec.participants:
             return True
-        self.last_round = spec.round
+        self._seen_round(spec.round)
         if spec.secagg is not None:
             try:
                 self.start_secagg(spec)
@@ -471,9 +491,9 @@ class EdgeClient:
             self.sa_state = replace(state, inner=inner)
         self._save_residual(built.residual)
         self._keep(spec.round, built.sent)
-        self.seq += 1
+        seq = self._next_seq()
         # Weight and loss travel masked in the vector's tail; the clear fields carry nothing.
-        up = M.MaskedUpdate(round=spec.round, device_id=me, seq=self.seq, num_examples=1,
+        up = M.MaskedUpdate(round=spec.round, device_id=me, seq=seq, num_examples=1,
                             steps=res.steps, train_loss=0.0, base_digest=self.digest,
                             masked=sparse.pack_ring(np.frombuffer(masked.masked, dtype="<u4"), sa.ring_bits))
         n = self.send_update(up)

@@ -12,8 +12,9 @@ from shared.topics import check_device_id
 class EdgeConfig:
     device_id: str
     broker: str  # mqtt://HOST:PORT or mqtts://HOST:PORT
-    data: str  # this device's private examples: Alpaca JSONL or text file
+    data: str  # this device's private examples: JSONL (Alpaca, self-instruct, Dolly or chat records) or text
     student: str  # base model id or path, loaded with from_pretrained
+    data_encoding: str | None = None  # of ``data`` when not UTF-8 (with or without a BOM)
     profile: str = "cpu-dev"  # firmware_profiles/NAME.toml, or a path to a profile file
     work_dir: str = "edge_state"
     protocol: str = "auto"  # MQTT version: auto (5, then 3.1.1), 5 or 3.1.1

@@ -3,9 +3,51 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_source(id_or_path: str, what: str = "model") -> None:
+    """Refuse, in one line, a model that ``load_model`` could not load: checked before any process
+    starts, so a typo is not found in a subprocess's log as a hub repo-id error.
+
+    An existing directory must hold a causal-LM config, weights and a tokenizer. Anything that
+    looks like a path (absolute, ./, ../, ~, or more than one /) must exist. A hub id is checked by
+    loading its config (from the local cache when offline).
+    """
+    from shared.errors import ConfigError
+
+    p = Path(id_or_path).expanduser()
+    looks_like_path = id_or_path.startswith(("/", ".", "~")) or id_or_path.count("/") > 1 or "\\" in id_or_path
+    if p.is_dir():
+        names = {x.name for x in p.iterdir()}
+        if "config.json" not in names:
+            kind = "a tokenizer directory" if names & set(TOKENIZER_FILES) else "not a model directory"
+            raise ConfigError(f"{what} {id_or_path}: {kind} (no config.json); give the directory from save_pretrained "
+                              "or `fl-models build`")
+        if not names & set(WEIGHT_FILES):
+            raise ConfigError(f"{what} {id_or_path}: no weights ({' or '.join(WEIGHT_FILES[::2])})")
+        if not names & set(TOKENIZER_FILES):
+            raise ConfigError(f"{what} {id_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    elif p.exists():
+        raise ConfigError(f"{what} {id_or_path}: is a file; give the model's directory")
+    elif looks_like_path:
+        raise ConfigError(f"{what} {id_or_path}: no such directory")
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(id_or_path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{what} {id_or_path}: cannot load its config ({type(e).__name__}: {first[:200]})") from None
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ConfigError(f"{what} {id_or_path}: an encoder-decoder model; a causal (decoder-only) LM is needed")
 
 
 def load_tokenizer(id_or_path: str) -> Any:

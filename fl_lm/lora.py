@@ -10,8 +10,25 @@ from shared.messages import LoraSpec
 
 
 def save(peft_model: Any, directory: Any) -> None:
-    """PEFT's standard adapter files, without the frozen base embedding (see ``get_adapter``)."""
+    """PEFT's standard adapter files, without the frozen base embedding (see ``get_adapter``).
+
+    PEFT records the base as it was given to from_pretrained; a relative path there makes
+    ``AutoPeftModelForCausalLM.from_pretrained(directory)`` fail from any other working directory,
+    so a base that is a local directory is recorded as an absolute path (a hub id stays as it is).
+    """
+    import json
+    import os
+    from pathlib import Path
+
     peft_model.save_pretrained(directory, save_embedding_layers=False)
+    cfg_path = Path(directory) / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    base = cfg.get("base_model_name_or_path")
+    if base and not os.path.isabs(base) and Path(base).is_dir():
+        cfg["base_model_name_or_path"] = str(Path(base).resolve())
+        tmp = cfg_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, cfg_path)
 
 
 def attach_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:

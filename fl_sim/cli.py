@@ -7,8 +7,9 @@ import logging
 import sys
 
 from fl_sim.run import SimSettings, simulate
+from shared import cli
+from shared.cli import add_debug
 from shared.config import from_dict
-from shared.errors import ConfigError
 
 
 def parse(argv: list[str] | None) -> SimSettings:
@@ -22,6 +23,7 @@ def parse(argv: list[str] | None) -> SimSettings:
                     help="without --broker: embedded amqtt (no TLS) or a Mosquitto started with TLS, passwords and ACLs")
     ap.add_argument("--insecure", action="store_true", help="turn OFF end-to-end encryption and signatures (debug only)")
     ap.add_argument("--data", default=None, help="your JSONL/text: a directory with one file per device, or one file split across devices")
+    ap.add_argument("--encoding", default=None, help="text encoding of the --data files when not UTF-8 (latin-1, cp1252, ...)")
     ap.add_argument("--mode", choices=("fedkd", "fl-minillm", "fedit"), default=d.mode,
                     help="fedkd (default): FedAvg, then teacher<->student distillation on the aggregator's public set; "
                          "fl-minillm: FedAvg, then sequence-level distillation with the roles alternating (the fleet "
@@ -65,9 +67,10 @@ def parse(argv: list[str] | None) -> SimSettings:
     ap.add_argument("--keep-sent", action="store_true", help="devices keep a plaintext copy of each contribution (audit)")
     ap.add_argument("--keep-received", action="store_true", help="store every received update's bytes (debug/audit)")
     ap.add_argument("--log-level", default="INFO")
+    add_debug(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level, format="%(asctime)s fl-sim %(message)s", datefmt="%H:%M:%S")
-    vals = {k: v for k, v in vars(a).items() if k != "log_level" and v is not None}
+    vals = {k: v for k, v in vars(a).items() if k not in ("log_level", "debug") and v is not None}
     if not vals.get("insecure"):
         vals.pop("insecure", None)
     vals["round_timeout_s"] = vals.pop("round_timeout")
@@ -76,14 +79,15 @@ def parse(argv: list[str] | None) -> SimSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = parse(argv)
-        report = simulate(settings)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        logging.getLogger("fl-sim").error("%s", e)
-        return 2
-    logging.getLogger("fl-sim").info("report: %s", report)
-    return 0
+    log = logging.getLogger("fl-sim")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+
+    def body() -> None:
+        report = simulate(parse(argv))
+        log.info("report: %s", report)
+
+    # RuntimeError: a process of the simulation failed; its log is named in the message.
+    return cli.run(body, log, debug=debug, extra=(RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 from fl_lm.build import build_offline_models
 from fl_sim import tasks
 from fl_sim.prepare import PUBLIC_PER_FAMILY, public_examples
+from shared import cli
+from shared.cli import add_debug
 from shared.datasets import Example
 
 # Enough for the student to learn the prompt format and every public token (~30 s on 2 cores);
@@ -45,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
     ap.add_argument("--teacher-pretrain-steps", type=int, default=TEACHER_PRETRAIN_STEPS)
     ap.add_argument("--teacher-tokenizer", choices=("same", "metaspace"), default="same")
+    add_debug(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    paths = build_default(Path(args.out), args.seed, args.pretrain_steps, teacher_pretrain_steps=args.teacher_pretrain_steps,
-                          teacher_tokenizer=args.teacher_tokenizer)
-    sys.stdout.write(json.dumps(paths, indent=2) + "\n")
-    return 0
+
+    def body() -> None:
+        paths = build_default(Path(args.out), args.seed, args.pretrain_steps, teacher_pretrain_steps=args.teacher_pretrain_steps,
+                              teacher_tokenizer=args.teacher_tokenizer)
+        sys.stdout.write(json.dumps(paths, indent=2) + "\n")
+
+    return cli.run(body, logging.getLogger("fl-models"), debug=args.debug)
 
 
 if __name__ == "__main__":

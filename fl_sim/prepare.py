@@ -44,37 +44,38 @@ def generated(n_devices: int, per_family: int, eval_per_family: int, split: str,
     return SimData(shards, held, public, pub_held)
 
 
-def _families(path: Path) -> dict[str, list[Example]]:
+def _families(path: Path, encoding: str | None = None) -> dict[str, list[Example]]:
     """A file (one family, or the ``family`` field of each record), or a directory of them (a family per file)."""
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     out: dict[str, list[Example]] = {}
     for f in files:
-        for e in load_file(f, family=f.stem):
+        for e in load_file(f, family=f.stem, encoding=encoding):
             out.setdefault(e.family, []).append(e)
     return out
 
 
-def laid_out(shards_dir: Path, public: Path, eval_data: Path, public_eval: Path | None, n_devices: int) -> SimData:
+def laid_out(shards_dir: Path, public: Path, eval_data: Path, public_eval: Path | None, n_devices: int,
+             encoding: str | None = None) -> SimData:
     """Data already split: one file per device, the aggregator's public set and held-out sets."""
     files = sorted(p for p in shards_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if len(files) != n_devices:
         raise ValueError(f"--data {shards_dir} has {len(files)} files but --devices is {n_devices}: give one file per device")
-    shards = [load_file(f) for f in files]
-    return SimData(shards, _families(eval_data), [e for exs in _families(public).values() for e in exs],
-                   _families(public_eval) if public_eval else {})
+    shards = [load_file(f, encoding=encoding) for f in files]
+    return SimData(shards, _families(eval_data, encoding), [e for exs in _families(public, encoding).values() for e in exs],
+                   _families(public_eval, encoding) if public_eval else {})
 
 
-def user_data(path: Path, n_devices: int, seed: int) -> SimData:
+def user_data(path: Path, n_devices: int, seed: int, encoding: str | None = None) -> SimData:
     """A directory (one file per device) or one file split across devices; 10% of each held out,
     and another 10% held by the aggregator alone as its public set."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if len(files) != n_devices:
             raise ValueError(f"--data {path} has {len(files)} files but --devices is {n_devices}: give one file per device")
-        per_file = [load_file(f, family=f.stem) for f in files]
+        per_file = [load_file(f, family=f.stem, encoding=encoding) for f in files]
         per_file = [[Example(e.instruction, e.input, e.output, f.stem) for e in exs] for f, exs in zip(files, per_file)]
     else:
-        exs = load_file(path, family=path.stem)
+        exs = load_file(path, family=path.stem, encoding=encoding)
         per_file = [[Example(e.instruction, e.input, e.output, path.stem) for e in exs]]
     shards: list[list[Example]] = []
     held: dict[str, list[Example]] = {}

@@ -12,7 +12,33 @@ def _fmt(x: float | None, nd: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
+def _meaning(first: RoundRecord, last: RoundRecord, b: dict[str, Any]) -> list[str]:
+    """The loss beside what a uniform guess and a unigram model score, and how much was scored."""
+    import math
+
+    out = ["", "## What the loss means", "",
+           "| | held-out loss per response token | perplexity |", "|---|---|---|"]
+    for name, v in ((f"uniform guess over the {int(b['vocab']):,}-token vocabulary (ln V)", b["uniform"]),
+                    ("unigram fitted on the devices' training responses", b["unigram"]),
+                    ("global student before the first round", first.mean_loss),
+                    (f"global student after round {last.round}", last.mean_loss)):
+        out.append(f"| {name} | {v:.3f} | {math.exp(min(v, 50)):,.1f} |")
+    if last.mean_loss >= b["unigram"]:
+        verdict = ("**The student does not beat the unigram baseline**: it has learned which tokens are common, not how to "
+                   "answer; a falling loss alone does not show learning.")
+    elif last.mean_loss >= b["uniform"]:
+        verdict = "**The student does not beat a uniform guess.**"
+    else:
+        gap = b["unigram"] - last.mean_loss
+        verdict = f"The student beats the unigram baseline by {gap:.3f} nats per token."
+    out += ["", verdict, "",
+            f"Scored {b['scored']} held-out examples of the {b['available']} held out (at most {b['cap']} per family; "
+            f"to score them all, run with `--eval-per-family {max(b['available'], 1)}`, or set `eval_max_per_family` "
+            "in the aggregator's config)."]
+    return out
+
+
+def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, Any] | None = None) -> Path:
     rows = read(out_dir / "metrics.jsonl")
     fams = sorted(rows[0].eval) if rows else []
     first, last = rows[0], rows[-1]
@@ -34,6 +60,9 @@ def write_report(out_dir: Path, settings: dict[str, Any]) -> Path:
                      f"{_fmt(t0.private.mean_exact_match)} -> {_fmt(t1.private.mean_exact_match)}"
                      + (f"; public families loss {t0.public.mean_loss:.4f} -> {t1.public.mean_loss:.4f}"
                         if t0.public and t1.public else "") + ".")
+    if baselines:
+        lines += _meaning(first, last, baselines)
+        lines.append("")
     distil_s = [r.distil["seconds"] for r in rows if r.distil]
     if distil_s:
         lines.append(f"Distillation on the aggregator took {sum(distil_s):.1f} s in all ({sum(distil_s) / len(distil_s):.1f} s a round).")
@@ -101,10 +130,13 @@ def plot(rows: list[RoundRecord], path: Path) -> None:
 
     rounds = [r.round for r in rows]
     fams = sorted(rows[0].eval)
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    # The mean first and thin, so no family's line hides under it.
+    axes[0].plot(rounds, [r.mean_loss for r in rows], color="0.6", lw=4, alpha=0.5, label="mean", zorder=1)
     for f in fams:
-        axes[0].plot(rounds, [r.eval[f]["loss"] for r in rows], marker=".", alpha=0.6, label=f)
-    axes[0].plot(rounds, [r.mean_loss for r in rows], "k-o", lw=2, label="mean")
+        axes[0].plot(rounds, [r.eval[f]["loss"] for r in rows], marker="o", ms=3, lw=1.2, label=f, zorder=2)
     axes[0].set(title="student held-out loss, devices' families", xlabel="round", ylabel="loss per response token")
     axes[0].legend(fontsize=7)
 
@@ -121,13 +153,17 @@ def plot(rows: list[RoundRecord], path: Path) -> None:
         ax.set(title=f"{title}: student and teacher", xlabel="round")
         ax.legend(fontsize=7)
     axes[2].set_ylim(0, 1)
-    devices = sorted({d for r in rows for d in r.bytes_up})
-    for d in devices:
-        axes[3].plot(rounds[1:], [r.bytes_up.get(d, 0) / 1e3 for r in rows[1:]], marker="o", label=f"{d} up")
-    axes[3].set(title="bytes sent per device per round", xlabel="round", ylabel="kB")
+    devices = sorted({d for r in rows for d in list(r.bytes_up) + list(r.bytes_down)})
+    for i, d in enumerate(devices):
+        c = f"C{i % 10}"
+        axes[3].plot(rounds[1:], [r.bytes_up.get(d, 0) / 1e3 for r in rows[1:]], "-o", color=c, ms=3, label=f"{d} up")
+        axes[3].plot(rounds[1:], [r.bytes_down.get(d, 0) / 1e3 for r in rows[1:]], "--s", color=c, ms=3, label=f"{d} down")
+    axes[3].set(title="bytes per device per round (up: sent, down: received)", xlabel="round", ylabel="kB")
     axes[3].set_ylim(bottom=0)
     if devices:
-        axes[3].legend(fontsize=7)
+        axes[3].legend(fontsize=7, ncol=2)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,10 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aggregator import checkpoint
 from aggregator.record import RoundRecord
 from fl_sim import prepare
 from fl_sim.report import write_report
@@ -34,6 +36,7 @@ class SimSettings:
     broker_mode: str = "embedded"  # embedded (amqtt, no TLS) or mosquitto (TLS, passwords, ACLs)
     insecure: bool = False  # turn off end-to-end encryption and signatures (debug only)
     data: str | None = None  # None: the generated task families
+    encoding: str | None = None  # of the --data files, when not UTF-8 (with or without a BOM)
     # With data already split (``data`` a directory, one file per device): the aggregator's public
     # set and the held-out sets, instead of carving them out of the devices' files.
     public_data: str | None = None
@@ -228,20 +231,36 @@ class Launched:
     teacher: str | None
     device_ids: list[str]
     t0: float
+    baselines: dict  # fl_sim.baselines, plus how many held-out examples are scored of how many
+
+
+def forget_old_fleet(out: Path) -> None:
+    """Each simulation is a new fleet with fresh keys: the last run's aggregator progress and the
+    devices' durable state (sequence numbers, rounds seen, outboxes) belong to the old fleet. Left
+    in place, the aggregator would carry on numbering after the old announcements and stop at once
+    (a second `make demo` into the same directory ran no rounds)."""
+    for stale in ("metrics.jsonl", "state.json", checkpoint.ANNOUNCED):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "edge", ignore_errors=True)
 
 
 def launch(s: SimSettings) -> Launched:
     """Prepare data and models, start the broker (unless given), the aggregator and the devices."""
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "state.json"):
-        (out / stale).unlink(missing_ok=True)
+    if s.student or s.teacher:
+        from fl_lm.loading import check_model_source
+
+        for what, src in (("--student", s.student), ("--teacher", s.teacher)):
+            if src:
+                check_model_source(src, what)
+    forget_old_fleet(out)
     t0 = time.monotonic()
     if s.data and s.public_data and s.eval_data:
         data = prepare.laid_out(Path(s.data), Path(s.public_data), Path(s.eval_data),
-                                Path(s.public_eval_data) if s.public_eval_data else None, s.devices)
+                                Path(s.public_eval_data) if s.public_eval_data else None, s.devices, s.encoding)
     elif s.data:
-        data = prepare.user_data(Path(s.data), s.devices, s.seed)
+        data = prepare.user_data(Path(s.data), s.devices, s.seed, s.encoding)
     else:
         data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
     paths = prepare.write_data(out, data)
@@ -257,6 +276,7 @@ def launch(s: SimSettings) -> Launched:
                               teacher_pretrain_steps=s.teacher_pretrain_steps, teacher_tokenizer=s.teacher_tokenizer)
         student = student or built["student"]
         teacher = teacher or built["teacher"]
+    baselines = _baselines(student, data, max(s.eval_per_family, 1))
     device_ids = [f"device-{i}" for i in range(s.devices)]
     fleet = Fleet(out)
     logins: dict[str, dict] = {}
@@ -314,7 +334,7 @@ def launch(s: SimSettings) -> Launched:
         fleet.stop_all(grace=0)
         raise
     log.info("started aggregator and %d devices; logs in %s", s.devices, fleet.logs)
-    return Launched(s, out, fleet, agg, broker, student, teacher if s.mode != "fedit" else None, device_ids, t0)
+    return Launched(s, out, fleet, agg, broker, student, teacher if s.mode != "fedit" else None, device_ids, t0, baselines)
 
 
 def finish(run: Launched) -> Path:
@@ -330,7 +350,16 @@ def finish(run: Launched) -> Path:
                 **({"teacher": run.teacher} if run.teacher else {}),
                 "broker": run.broker, "wall_time_s": round(time.monotonic() - run.t0, 1)}
     (run.out / "settings.json").write_text(json.dumps(settings, indent=2))
-    return write_report(run.out, settings)
+    return write_report(run.out, settings, run.baselines)
+
+
+def _baselines(student: str, data: prepare.SimData, cap: int) -> dict:
+    from fl_lm.loading import load_tokenizer
+    from fl_sim.baselines import loss_baselines
+
+    scored = {f: exs[:cap] for f, exs in data.heldout.items()}  # what the aggregator scores (aggregator.server.load_eval)
+    b = loss_baselines(load_tokenizer(student), (e for shard in data.shards for e in shard), scored)
+    return {**b, "scored": sum(map(len, scored.values())), "available": sum(map(len, data.heldout.values())), "cap": cap}
 
 
 def simulate(s: SimSettings) -> Path:

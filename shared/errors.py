@@ -28,3 +28,11 @@ class ConfigError(ValueError):
 
 class ReplayError(ProtocolError):
     """A well-formed message that is not acceptable now: past round, repeat, or wrong sender/topic."""
+
+
+class DataError(SchemaError, ConfigError):
+    """A user's data file cannot be used; the text names the file, the line (or byte offset) and the field.
+
+    Both a schema error (the record is malformed) and a configuration error (the user pointed at
+    the wrong file), so every command line that reports either ends in that one line.
+    """

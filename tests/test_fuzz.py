@@ -197,7 +197,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory):
     write_jsonl(d / "data.jsonl", [Example("Add.", "1 2", "3", "arith")])
     c = EdgeClient(EdgeConfig(device_id="dev-a", broker="mqtt://127.0.0.1:1", data=str(d / "data.jsonl"), student="unused",
                               work_dir=str(d / "w"), keys=str(d / "dev.key"), aggregator_keys=str(d / "agg.pub.json")))
-    c.last_round = 1
+    c._seen_round(1)
     logging.getLogger("edge_client.client").setLevel(logging.CRITICAL)
     return c
 

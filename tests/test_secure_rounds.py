@@ -332,3 +332,35 @@ def test_over_selection_closes_the_round_at_enough_updates(tiny_models: dict[str
     stragglers = sorted(set(rec.participants) - set(rec.received))
     assert all(rec.drop_reasons[d].startswith("straggler") for d in stragglers) and len(stragglers) == 2
     _check_sum(fl, rec, before, after)
+
+
+def test_a_restarted_device_is_not_locked_out_and_refuses_old_announcements(fleet) -> None:
+    """Issue 13, lifecycle: the sequence number and the last round seen survive a restart. Before,
+    a restarted device counted from 0 again, so the aggregator (which remembers the device's last
+    sequence number) rejected its updates as replays, and it would accept an old signed RoundSpec."""
+    from edge_client.client import EdgeClient
+    from shared import topics
+    from shared.errors import ReplayError
+
+    agg, edges, plan, _ = fleet
+    _round(fleet, {})  # the module's rounds so far have moved device-0's counter past 0
+    old = edges[0]
+    dev = old.cfg.device_id
+    seq_before, seen_before = old.seq, old.last_round
+    assert seq_before > 0 and agg.col.last_seq[dev] == seq_before
+    bus = old.link.bus
+    bus.links.remove(old.link)  # the old process is gone (killed)
+    new = EdgeClient(old.cfg)  # same config and work directory: a restart
+    assert (new.seq, new.last_round) == (seq_before, seen_before)
+    with pytest.raises(ReplayError):
+        new._future_round(seen_before)  # the last (retained) announcement is not taken again
+    new.load_model()
+    new.link = FakeLink(bus, dev, outgoing=plan.filter(dev))
+    new.link.subscribe(topics.bcast_filter())
+    new.link.subscribe(topics.down_filter(dev))
+    new.publish_status("online")
+    edges[0] = new
+    rec, before, after = _round(fleet, {})
+    assert rec.status == "ok" and dev in rec.received, (rec.drop_reasons, rec.abandon_reason)
+    assert new.seq > seq_before and agg.col.last_seq[dev] == new.seq
+    _check_sum(fleet, rec, before, after)

@@ -41,3 +41,47 @@ def test_report_without_departures_has_no_such_section(tmp_path: Path) -> None:
               RoundRecord(round=1, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs)):
         append(tmp_path / "metrics.jsonl", r)
     assert "left a round" not in write_report(tmp_path, {}).read_text()
+
+
+def test_the_report_puts_the_loss_beside_uniform_and_unigram(tmp_path: Path) -> None:
+    """Issue 14: a -40% headline at 7.30 nats/token, where ln 2048 = 7.62, had said nothing of it."""
+    import math
+
+    devs = ["device-0"]
+    for r in (RoundRecord(round=0, status="baseline", mode="fedit", student=_evals(12.0)),
+              RoundRecord(round=1, status="ok", mode="fedit", student=_evals(7.30), participants=devs, received=devs)):
+        append(tmp_path / "metrics.jsonl", r)
+    b = {"vocab": 2048.0, "uniform": math.log(2048), "unigram": 6.1, "scored": 30, "available": 412, "cap": 30}
+    text = write_report(tmp_path, {}, b).read_text()
+    assert "| uniform guess over the 2,048-token vocabulary (ln V) | 7.625 |" in text
+    assert "does not beat the unigram baseline" in text
+    assert "Scored 30 held-out examples of the 412" in text and "--eval-per-family 412" in text
+    (tmp_path / "metrics.jsonl").unlink()
+    for r in (RoundRecord(round=0, status="baseline", mode="fedit", student=_evals(12.0)),
+              RoundRecord(round=1, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs)):
+        append(tmp_path / "metrics.jsonl", r)
+    assert "beats the unigram baseline by 4.100 nats" in write_report(tmp_path, {}, b).read_text()
+
+
+def test_unigram_baseline_is_the_smoothed_cross_entropy(tiny_models: dict[str, str]) -> None:
+    import math
+
+    from fl_lm.loading import load_tokenizer
+    from fl_sim.baselines import _labels, loss_baselines
+    from shared.datasets import Example
+
+    tok = load_tokenizer(tiny_models["student"])
+    train = [Example("Say it.", "", "yes yes yes no")] * 5
+    held = {"a": [Example("Say it.", "", "yes no")], "b": [Example("Again.", "", "maybe")]}
+    b = loss_baselines(tok, train, held)
+    assert b["uniform"] == math.log(len(tok))
+    counts: dict[int, int] = {}
+    for ex in train:
+        for t in _labels(tok, ex):
+            counts[t] = counts.get(t, 0) + 1
+    tot, v = sum(counts.values()), len(tok)
+    per = [sum(-math.log((counts.get(t, 0) + 1) / (tot + v)) for t in _labels(tok, exs[0])) / len(_labels(tok, exs[0]))
+           for exs in held.values()]
+    assert abs(b["unigram"] - sum(per) / 2) < 1e-12
+    assert b["unigram"] < b["uniform"]  # frequent tokens are cheaper than uniform
+    assert per[0] < per[1]  # seen tokens cost less than unseen ones
