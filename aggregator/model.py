@@ -85,6 +85,12 @@ class HostedModel:
         fams = {f: FamilyEval(s.n, s.loss, s.exact_match) for f, s in scores.items()}
         return EvalSummary(fams, mean_loss(scores), mean_exact_match(scores))
 
+    def answers(self, examples: list[Example]) -> list[str]:
+        from fl_lm.evaluate import answers
+
+        self.peft.eval()
+        return answers(self.peft, self.tok, examples, self.max_seq_len)
+
     def save(self, directory: Path) -> None:
         from fl_lm.lora import save
 

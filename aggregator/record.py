@@ -54,6 +54,8 @@ class RoundRecord:
     teacher: ModelEvals | None = None
     distil: dict[str, Any] | None = None  # phase name -> PhaseStats fields, plus total seconds
     time_s: float = 0.0
+    # The global student's answers to a few fixed held-out prompts: [{family, prompt, reference, answer}].
+    samples: list[dict[str, str]] = field(default_factory=list)
 
     # The student's private-family scores, under the names every reader has used.
     @property
@@ -83,6 +85,7 @@ class RoundRecord:
         d["teacher"] = self.teacher.to_json() if self.teacher else None
         d["distil"] = self.distil
         d["time_s"] = self.time_s
+        d["samples"] = self.samples
         return d
 
     @staticmethod
@@ -99,7 +102,8 @@ class RoundRecord:
             sparse=d.get("sparse"), secagg=bool(d.get("secagg", False)),
             abandon_reason=d.get("abandon_reason"),
             teacher=ModelEvals.from_json(d["teacher"]) if d.get("teacher") else None,
-            distil=d.get("distil"), time_s=float(d.get("time_s", 0.0)))
+            distil=d.get("distil"), time_s=float(d.get("time_s", 0.0)),
+            samples=[dict(x) for x in d.get("samples", [])])
 
 
 def append(path: Path, rec: RoundRecord) -> None:

@@ -202,6 +202,19 @@ class Aggregator:
         checkpoint.save(self.out, rnd, self.student.peft, teacher=extra.get("teacher"))
         checkpoint.save_arrays(self.out / OPTIMIZER_FILE, self.strategy.state_arrays())
 
+    SAMPLES = 4  # held-out prompts whose answers each round's record shows (the first of each family)
+
+    def samples(self) -> list[dict[str, str]]:
+        assert self.student is not None
+        picked: dict[str, Example] = {}
+        for e in self.eval_examples:
+            if e.prompt and len(picked) < self.SAMPLES:
+                picked.setdefault(e.family, e)
+        exs = list(picked.values())
+        # The prompt is kept as one formatted string: it is the aggregator's own held-out data.
+        return [{"family": e.family, "prompt": e.prompt, "reference": e.output, "answer": a}
+                for e, a in zip(exs, self.student.answers(exs))]
+
     def evaluate(self) -> tuple[ModelEvals, ModelEvals | None]:
         assert self.student is not None and self.mode is not None
         s = self.student
@@ -321,7 +334,7 @@ class Aggregator:
             fleet_train_loss=b.fleet_train_loss if new is not None else None,
             sparse={"method": sp.method, "k": sp.k, "dim": sp.dim} if sp else None,
             secagg=b.spec is not None and b.spec.secagg is not None, abandon_reason=reason if new is None else None,
-            distil=distil, time_s=round(time.monotonic() - t0, 3))
+            distil=distil, time_s=round(time.monotonic() - t0, 3), samples=self.samples())
 
     # -- the service ---------------------------------------------------------------------------
     def connect(self) -> None:
@@ -343,7 +356,8 @@ class Aggregator:
             if self.round == 0 and self.announced == 0:
                 assert self.mode is not None
                 student, teacher = self.evaluate()
-                record.append(metrics, RoundRecord(round=0, status="baseline", mode=self.mode.name, student=student, teacher=teacher))
+                record.append(metrics, RoundRecord(round=0, status="baseline", mode=self.mode.name, student=student, teacher=teacher,
+                                                   samples=self.samples()))
                 log.info("round 0 (before training): mean held-out loss %.4f", student.private.mean_loss)
             self.wait_for_devices()
             for rnd in range(checkpoint.next_round(self.round, self.announced), self.cfg.rounds + 1):

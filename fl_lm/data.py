@@ -11,13 +11,26 @@ from shared.datasets import Example
 IGNORE = -100
 
 
+def prompt_text(tok: Any, ex: Example) -> str:
+    """The prompt as the model sees it: the tokenizer's chat template where it has one (a chat
+    model was trained on that format), else the Alpaca template of ``shared.datasets``. Both sides
+    load the same tokenizer, so devices and aggregator agree without it being in the protocol."""
+    if not ex.prompt:
+        return ""
+    if getattr(tok, "chat_template", None):
+        content = ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
+        return str(tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True))
+    return ex.prompt
+
+
 def encode_example(tok: Any, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels): prompt tokens are masked with -100 so loss is on the response only.
 
     Truncation keeps the start of the prompt and cuts the response, never the other way round, so
     a truncated example still teaches the start of an answer.
     """
-    p = tok(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+    prompt = prompt_text(tok, ex)
+    p = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     r = tok(ex.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = (p + r)[:max_len]
     labels = ([IGNORE] * len(p) + r)[:max_len]

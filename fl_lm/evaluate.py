@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from fl_lm.data import IGNORE, collate, encode_example
+from fl_lm.data import IGNORE, collate, encode_example, prompt_text
 from shared.datasets import Example
 
 # Exact match is only meaningful for short answers; longer references report loss only.
@@ -55,7 +55,7 @@ def _exact_match(model: Any, tok: Any, exs: list[Example], max_len: int, batch_s
     try:
         for i in range(0, len(short), batch_size):
             chunk = short[i : i + batch_size]
-            enc = tok([e.prompt for e in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_len, add_special_tokens=False)
+            enc = tok([prompt_text(tok, e) for e in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_len, add_special_tokens=False)
             want = max(len(tok(e.output, add_special_tokens=False)["input_ids"]) for e in chunk) + 2
             gen = model.generate(
                 **enc, max_new_tokens=want, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
@@ -65,6 +65,20 @@ def _exact_match(model: Any, tok: Any, exs: list[Example], max_len: int, batch_s
     finally:
         tok.padding_side = old_side
     return hits / len(short)
+
+
+def answers(model: Any, tok: Any, exs: list[Example], max_len: int = 128, max_new_tokens: int = 48) -> list[str]:
+    """The model's greedy answer to each example's prompt (for a person to read beside the reference)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for e in exs:
+            enc = tok([prompt_text(tok, e) or " "], return_tensors="pt", truncation=True, max_length=max_len, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out.append(tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return out
 
 
 def mean_loss(scores: dict[str, FamilyScore]) -> float:

@@ -12,6 +12,25 @@ def _fmt(x: float | None, nd: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def _cell(text: str, limit: int = 160) -> str:
+    t = " ".join(text.split())  # one table row: newlines and runs of spaces become single spaces
+    t = t if len(t) <= limit else t[: limit - 1] + "…"
+    return t.replace("|", "\\|") or "(empty)"
+
+
+def _answers(first: RoundRecord, last: RoundRecord) -> list[str]:
+    if not last.samples:
+        return []
+    before = {s["prompt"]: s["answer"] for s in first.samples}
+    out = ["", "## Answers on held-out prompts", "",
+           f"The global student's greedy answers before the first round and after round {last.round}, beside the reference.", "",
+           "| family | prompt | reference | before | after |", "|---|---|---|---|---|"]
+    for s in last.samples:
+        out.append(f"| {s['family']} | {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(before.get(s['prompt'], ''))} "
+                   f"| {_cell(s['answer'])} |")
+    return out
+
+
 def _meaning(first: RoundRecord, last: RoundRecord, b: dict[str, Any]) -> list[str]:
     """The loss beside what a uniform guess and a unigram model score, and how much was scored."""
     import math
@@ -66,6 +85,7 @@ def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, A
     distil_s = [r.distil["seconds"] for r in rows if r.distil]
     if distil_s:
         lines.append(f"Distillation on the aggregator took {sum(distil_s):.1f} s in all ({sum(distil_s) / len(distil_s):.1f} s a round).")
+    lines += _answers(first, last)
     lines += [""]
     lines += ["## Rounds", "", "| round | status | updates | mean loss | mean exact match | " + " | ".join(f"{f} loss / EM" for f in fams) + " |",
               "|---|---|---|---|---|" + "---|" * len(fams)]

@@ -27,6 +27,7 @@ import numpy as np
 
 from aggregator.modes import ModeContext
 from aggregator.modes.teacher import WithTeacher
+from fl_lm.data import prompt_text
 from shared import messages as M
 from shared import tensors
 
@@ -54,7 +55,8 @@ class FLMiniLLM(WithTeacher):
         # Prompts grouped by token length: a rollout batch needs prompts of one length (no padding).
         self.by_len: dict[int, list[list[int]]] = {}
         for e in ctx.public:
-            ids = tok(e.prompt, add_special_tokens=False)["input_ids"] if e.prompt else []
+            prompt = prompt_text(tok, e)
+            ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             if 0 < len(ids) < c.max_seq_len - m.max_new_tokens:
                 self.by_len.setdefault(len(ids), []).append(ids)
         if not self.by_len:

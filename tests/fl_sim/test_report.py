@@ -85,3 +85,15 @@ def test_unigram_baseline_is_the_smoothed_cross_entropy(tiny_models: dict[str, s
     assert abs(b["unigram"] - sum(per) / 2) < 1e-12
     assert b["unigram"] < b["uniform"]  # frequent tokens are cheaper than uniform
     assert per[0] < per[1]  # seen tokens cost less than unseen ones
+
+
+def test_the_report_shows_answers_before_and_after(tmp_path: Path) -> None:
+    sample = {"family": "arith", "prompt": "### Instruction:\nAdd.\n### Input:\n2 3\n### Response:\n", "reference": "5"}
+    devs = ["device-0"]
+    for r in (RoundRecord(round=0, status="baseline", mode="fedit", student=_evals(3.0), samples=[{**sample, "answer": "the the the"}]),
+              RoundRecord(round=1, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs,
+                          samples=[{**sample, "answer": "5 | 6"}])):
+        append(tmp_path / "metrics.jsonl", r)
+    assert read(tmp_path / "metrics.jsonl")[1].samples[0]["answer"] == "5 | 6"
+    text = write_report(tmp_path, {}).read_text()
+    assert "| arith | ### Instruction: Add. ### Input: 2 3 ### Response: | 5 | the the the | 5 \\| 6 |" in text
