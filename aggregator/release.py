@@ -1,0 +1,79 @@
+"""Turn the global student into a signed ONNX release, or refuse to when it fails the parity gate.
+
+Build into a hidden directory, check parity against the PyTorch student on held-out prompts,
+then write the signed manifest and rename the directory into place: a release that fails is
+never written under its id, so it can never be announced, and the fleet keeps the previous one.
+The last ``keep`` releases stay on disk for a signed rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared import release
+from shared.crypto import DeviceKeys
+from shared.datasets import Example
+
+log = logging.getLogger(__name__)
+
+PARITY_PROMPTS = 8
+
+
+@dataclass(frozen=True)
+class Built:
+    manifest: release.ReleaseManifest
+    directory: Path
+    signed: bytes
+
+
+def make_release(peft_model: Any, tok: Any, *, base: str, root: Path, rnd: int, mode: str, fleet: str, key: DeviceKeys,
+                 heldout: list[Example], int8: bool = False, keep: int = 3) -> Built | None:
+    from fl_lm.data import prompt_text
+    from fl_lm.onnx_export import build_release_dir
+    from fl_lm.onnx_parity import check
+    from fl_lm.onnx_session import OnnxLM
+
+    rid = f"r{rnd:04d}-{mode}" + ("-int8" if int8 else "")
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f".build-{rid}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        build_release_dir(base, work, peft_model=peft_model, int8=int8)
+        exs = [e for e in heldout if e.prompt][:PARITY_PROMPTS] or heldout[:PARITY_PROMPTS]
+        parity = check(peft_model, tok, OnnxLM(work), [prompt_text(tok, e) for e in exs], [e.output for e in exs],
+                       quantization="int8" if int8 else "none")
+        if not parity.passed:
+            log.error("release %s NOT published: parity gate failed (%s); the fleet keeps the previous release",
+                      rid, parity.reason)
+            return None
+        m = release.ReleaseManifest(release_id=rid, fleet=fleet, round=rnd, mode=mode, base_model=base,
+                                    tokenizer_sha256=release.tokenizer_digest(work),
+                                    quantization="int8" if int8 else "none", files=release.describe(work),
+                                    parity=parity.to_json())
+        signed = release.sign(m, key)
+        (work / release.MANIFEST).write_bytes(signed)
+        final = root / rid
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _prune(root, keep)
+    size = sum(f.size for f in m.files)
+    log.info("release %s: %d files, %.2f MB, max logit diff %.2g, greedy identical %d/%d", rid, len(m.files), size / 1e6,
+             parity.max_logit_diff, parity.greedy_identical, parity.prompts)
+    (root / "latest.json").write_text(json.dumps({"release_id": rid, "round": rnd, "bytes": size, "parity": parity.to_json()},
+                                                 indent=2))
+    return Built(m, final, signed)
+
+
+def _prune(root: Path, keep: int) -> None:
+    dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in dirs[keep:]:
+        shutil.rmtree(p, ignore_errors=True)

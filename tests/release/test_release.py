@@ -1,0 +1,190 @@
+"""The ONNX release (issue 12): export and parity, int8, optimum loads it, signed manifest, device install.
+
+The student is the tiny offline model, briefly pretrained, with a LoRA adapter whose B matrices are random, so merging
+matters: the release must answer as base+adapter does, not as the base.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import release
+from shared.crypto import generate_keys
+from shared.datasets import Example
+from shared.errors import SchemaError
+
+FLEET = "fleet-test"
+HELD = [Example("Add one.", str(i), str(i + 1), "arith") for i in range(5)] + \
+       [Example("Name a colour.", "", "red", "colour"), Example("Say hi.", "", "hi", "chat"), Example("", "", "plain text", "t")]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+
+    from aggregator.release import make_release
+    from fl_lm.loading import load_model, load_tokenizer
+    from fl_lm.lora import attach_lora
+    from fl_sim.models_cli import build_default
+    from shared.messages import LoraSpec
+
+    # A briefly pretrained student (a random one answers every prompt with the same token, and
+    # identical greedy outputs would prove nothing).
+    base = build_default(tmp_path_factory.mktemp("models"), seed=0, pretrain_steps=150, teacher_pretrain_steps=0)["student"]
+    tok = load_tokenizer(base)
+    peft = attach_lora(load_model(base), LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft.eval()
+    root = tmp_path_factory.mktemp("agg") / "releases"
+    key = generate_keys()
+    fp32 = make_release(peft, tok, base=base, root=root, rnd=3, mode="fedkd", fleet=FLEET, key=key, heldout=HELD)
+    int8 = make_release(peft, tok, base=base, root=root, rnd=4, mode="fedkd", fleet=FLEET, key=key, heldout=HELD, int8=True)
+    assert fp32 is not None and int8 is not None
+    return {"peft": peft, "tok": tok, "base": base, "root": root, "key": key, "fp32": fp32, "int8": int8}
+
+
+def test_exported_student_answers_as_pytorch(built) -> None:
+    import torch
+
+    from fl_lm.loading import load_model
+    from fl_lm.onnx_session import OnnxLM
+
+    p = built["fp32"].manifest.parity
+    assert p["passed"] and p["greedy_identical"] == p["prompts"] == sum(1 for e in HELD if e.prompt) and p["max_logit_diff"] < 1e-3
+    lm = OnnxLM(built["fp32"].directory)
+    tok = built["tok"]
+    ids = tok("### Instruction:\nAdd one.\n### Input:\n7\n### Response:\n", add_special_tokens=False)["input_ids"]
+    onnx_logits, _ = lm.forward(np.array([ids]))
+    with torch.no_grad():
+        adapted = built["peft"](torch.tensor([ids])).logits[0].numpy()
+        plain = load_model(built["base"])(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(onnx_logits[0] - adapted).max() < 1e-3
+    assert np.abs(onnx_logits[0] - plain).max() > 0.1  # the adapter was merged in, not dropped
+    # The continuations are not trivial: they differ between prompts, so "identical" could fail.
+    outs = {lm.generate(e.prompt) for e in HELD if e.prompt}
+    assert len(outs) > 1, outs
+
+
+def test_int8_is_at_least_3x_smaller_and_agrees(built) -> None:
+    size = {k: (built[k].directory / "model.onnx").stat().st_size for k in ("fp32", "int8")}
+    assert size["fp32"] / size["int8"] >= 3.0, size
+    p = built["int8"].manifest.parity
+    assert p["passed"] and p["token_agreement"] >= 0.9 and p["quantization"] == "int8"
+    assert built["int8"].manifest.quantization == "int8"
+
+
+def test_optimum_loads_the_release_and_generates_the_same_text(built) -> None:
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from fl_lm.onnx_session import OnnxLM, Sampling
+
+    d = built["fp32"].directory
+    om = ORTModelForCausalLM.from_pretrained(str(d))
+    lm = OnnxLM(d)
+    tok = built["tok"]
+    for e in HELD[:4]:
+        enc = tok(e.prompt, return_tensors="pt", add_special_tokens=False)
+        g = om.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        theirs = tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert lm.generate(e.prompt, Sampling(max_new_tokens=16)) == theirs
+
+
+def _store(built, tmp_path: Path):
+    from edge_client.releases import ReleaseStore
+
+    s = ReleaseStore(tmp_path / "device", built["key"].public, FLEET)
+    s.install(built["fp32"].directory, built["fp32"].signed)
+    return s
+
+
+def test_tampered_wrongly_signed_or_foreign_releases_are_refused(built, tmp_path: Path) -> None:
+    import shutil
+
+    store = _store(built, tmp_path)
+    new = built["int8"]
+    for f in new.manifest.files:  # one byte changed in any file
+        staged = tmp_path / f"staged-{f.name}"
+        shutil.copytree(new.directory, staged)
+        data = bytearray((staged / f.name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (staged / f.name).write_bytes(bytes(data))
+        with pytest.raises(SchemaError, match=f.name):
+            store.install(staged, new.signed)
+        assert store.current()[0].release_id == built["fp32"].manifest.release_id  # the old one still serves
+    other = generate_keys()
+    with pytest.raises(SchemaError, match="signature"):
+        store.install(new.directory, release.sign(new.manifest, other))
+    flipped = bytearray(new.signed)
+    flipped[-1] ^= 0x01
+    with pytest.raises(SchemaError, match="signature"):
+        store.install(new.directory, bytes(flipped))
+    from dataclasses import replace
+
+    foreign = release.sign(replace(new.manifest, fleet="another-fleet"), built["key"])
+    with pytest.raises(SchemaError, match="another-fleet"):
+        store.install(new.directory, foreign)
+    older = release.sign(replace(new.manifest, release_id="r0001-old", round=1), built["key"])
+    with pytest.raises(SchemaError, match="older than the current"):
+        store.install(new.directory, older)
+    assert store.current()[0].release_id == built["fp32"].manifest.release_id
+    m = store.install(new.directory, new.signed)  # the genuine one installs
+    assert store.current()[0].release_id == m.release_id == new.manifest.release_id
+    assert store.rollback().release_id == built["fp32"].manifest.release_id
+
+
+def test_a_release_arriving_during_a_request_is_swapped_in_after_it(built, tmp_path: Path) -> None:
+    from edge_client.serve import Server
+    from fl_lm.onnx_session import Sampling
+
+    store = _store(built, tmp_path)
+    server = Server(store)
+    assert server.release_id == built["fp32"].manifest.release_id
+    started, proceed = threading.Event(), threading.Event()
+    real = server.lm.generate_ids
+
+    def slow(ids, s=Sampling()):
+        started.set()
+        proceed.wait(10)
+        return real(ids, s)
+
+    server.lm.generate_ids = slow  # type: ignore[method-assign]
+    answer: dict = {}
+    req = threading.Thread(target=lambda: answer.update(server.generate("### Instruction:\nSay hi.\n### Response:\n")))
+    req.start()
+    assert started.wait(10)
+    store.install(built["int8"].directory, built["int8"].signed)  # arrives mid-request
+    swap = threading.Thread(target=server.reload)
+    swap.start()
+    time.sleep(0.5)
+    assert swap.is_alive() and server.release_id == built["fp32"].manifest.release_id  # waits for the request
+    proceed.set()
+    req.join(10)
+    swap.join(30)
+    assert answer["release_id"] == built["fp32"].manifest.release_id
+    assert server.release_id == built["int8"].manifest.release_id
+    assert server.generate("Hello")["release_id"] == built["int8"].manifest.release_id
+
+
+def test_a_release_failing_the_parity_gate_is_never_written(built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A broken export (here: int8 weights shipped as if fp32) fails the fp32 gate and is not published."""
+    import fl_lm.onnx_export as ex
+    from aggregator.release import make_release
+
+    real = ex.build_release_dir
+    monkeypatch.setattr(ex, "build_release_dir", lambda base, out, **kw: real(base, out, **{**kw, "int8": True}))
+    root = tmp_path / "releases"
+    got = make_release(built["peft"], built["tok"], base=built["base"], root=root, rnd=9, mode="fedkd", fleet=FLEET,
+                       key=built["key"], heldout=HELD)
+    assert got is None
+    assert not [p for p in root.iterdir()]  # nothing under any id, no latest.json
+    assert any("NOT published: parity gate failed" in r.getMessage() for r in caplog.records)
