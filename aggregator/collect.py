@@ -101,6 +101,7 @@ class Collector:
                                    max_total_bytes=4 << 30, idle_timeout_s=600, max_per_sender=1)
         self.last_seq: dict[str, int] = {}
         self.online: dict[str, int] = {}  # device -> num_examples it reported
+        self.release_acks: dict[str, str] = {}  # device -> "installed ID" or "refused ID: why"
         self.book: RoundBook | None = None
         self.link: Any = None
         self.digest = ""  # the student base every update must be for
@@ -214,6 +215,9 @@ class Collector:
             if self.book is not None and device in self.book.participants and device not in self.book.replies:
                 self.book.drop(device, f"declined: {st.detail}")
                 log.warning("round %d: device %s declined: %s", self.book.rnd, device, st.detail)
+        elif st.state == "release":
+            self.release_acks[device] = st.detail
+            log.info("device %s: release %s", device, st.detail)
         else:
             if device not in self.online:
                 log.info("device %s online (%s)", device, st.profile)
@@ -355,6 +359,27 @@ class Collector:
         n = send(self.link, topics.down(device, kind), topics.down(device, "chunk"), self.wrap(msg, b.rnd, device), self.policy)
         b.count(device, "down", kind, n)
         return n
+
+    def send_release(self, devices: list[str], msg: M.Release, rnd: int, release_id: str, timeout_s: float) -> dict[str, Any]:
+        """Send the release to each device (chunked, signed for that device) and wait for their answers."""
+        from fl_mqtt.transfer import send
+
+        sent = {d: send(self.link, topics.down(d, "release"), topics.down(d, "chunk"), self.wrap(msg, rnd, d), self.policy)
+                for d in devices}
+        deadline = time.monotonic() + timeout_s
+
+        def answered() -> set[str]:
+            return {d for d in devices if release_id in self.release_acks.get(d, "")}
+
+        while answered() != set(devices) and time.monotonic() < deadline:
+            inc = self.link.get(timeout=0.5)
+            if inc is not None:
+                self.dispatch(inc.topic, inc.payload, inc.wire_bytes, getattr(inc, "retain", False))
+        acks = {d: self.release_acks.get(d, "") for d in devices}
+        return {"down_bytes": sent,
+                "installed": sorted(d for d, a in acks.items() if a == f"installed {release_id}"),
+                "refused": {d: a for d, a in acks.items() if a.startswith("refused") and release_id in a},
+                "no_answer": sorted(d for d in devices if release_id not in acks[d])}
 
     def broadcast_shutdown(self, rnd: int) -> None:
         try:

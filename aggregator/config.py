@@ -62,6 +62,23 @@ MINILLM_ROLES = ("client", "server")
 
 
 @dataclass(frozen=True)
+class ReleaseConfig:
+    """The ONNX release of the global student (aggregator.release): when, how, and for which fleet."""
+
+    enabled: bool = True
+    every: int = 0  # also release every N rounds; 0: only after the last round
+    only_if_improved: bool = False  # skip a scheduled release unless held-out loss beat the last release's
+    int8: bool = False  # dynamic int8 weights (at least 3x smaller; parity bounds in fl_lm.onnx_parity)
+    keep: int = 3  # releases kept on disk for a signed rollback
+    fleet: str = "default"  # devices refuse a manifest for another fleet
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, f"release.every must be >= 0, got {self.every}")
+        require(self.keep >= 1, f"release.keep must be >= 1, got {self.keep}")
+        require(bool(self.fleet), "release.fleet must not be empty")
+
+
+@dataclass(frozen=True)
 class MiniLLMConfig:
     """Sequence-level distillation with alternating roles (``mode = "fl-minillm"``).
 
@@ -131,6 +148,7 @@ class AggregatorConfig:
     public_eval_data: str | None = None  # held-out public examples, scored like eval_data
     distil: DistilSettings = field(default_factory=DistilSettings)
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     eval_max_per_family: int = 50

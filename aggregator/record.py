@@ -56,6 +56,8 @@ class RoundRecord:
     time_s: float = 0.0
     # The global student's answers to a few fixed held-out prompts: [{family, prompt, reference, answer}].
     samples: list[dict[str, str]] = field(default_factory=list)
+    # The ONNX release made after this round, if one was due: id, bytes, files, parity; or why not.
+    release: dict[str, Any] | None = None
 
     # The student's private-family scores, under the names every reader has used.
     @property
@@ -86,6 +88,7 @@ class RoundRecord:
         d["distil"] = self.distil
         d["time_s"] = self.time_s
         d["samples"] = self.samples
+        d["release"] = self.release
         return d
 
     @staticmethod
@@ -103,7 +106,7 @@ class RoundRecord:
             abandon_reason=d.get("abandon_reason"),
             teacher=ModelEvals.from_json(d["teacher"]) if d.get("teacher") else None,
             distil=d.get("distil"), time_s=float(d.get("time_s", 0.0)),
-            samples=[dict(x) for x in d.get("samples", [])])
+            samples=[dict(x) for x in d.get("samples", [])], release=d.get("release"))
 
 
 def append(path: Path, rec: RoundRecord) -> None:

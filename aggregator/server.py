@@ -13,6 +13,7 @@ evaluate, record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -77,6 +78,8 @@ class Aggregator:
         keys, pubkeys = None, {}
         self.authority: Any = None
         self.certs: dict[str, bytes] = {}
+        self.release_key: Any = None
+        self._released_loss: float | None = None
         if cfg.insecure:
             log.warning("SECURITY OFF (insecure = true): updates are accepted unencrypted and unsigned, and "
                         "announcements go unsigned. Debug use only.")
@@ -84,6 +87,7 @@ class Aggregator:
         else:
             assert cfg.keys is not None and cfg.registry is not None
             keys = load_private_keys(cfg.keys)
+            self.release_key = keys  # signs release manifests
             pubkeys = registry.load(cfg.registry)
             if cfg.devices:
                 missing = sorted(set(cfg.devices) - set(pubkeys))
@@ -337,6 +341,42 @@ class Aggregator:
             distil=distil, time_s=round(time.monotonic() - t0, 3), samples=self.samples())
 
     # -- the service ---------------------------------------------------------------------------
+    def _release_due(self, rnd: int, rec: RoundRecord) -> bool:
+        rc = self.cfg.release
+        if not rc.enabled or rec.status != "ok":
+            return False
+        return rnd == self.cfg.rounds or (rc.every > 0 and rnd % rc.every == 0)
+
+    def release(self, rnd: int, rec: RoundRecord) -> dict[str, Any]:
+        """The global student as a signed ONNX release under out/releases (aggregator.release)."""
+        from aggregator.release import make_release
+
+        assert self.student is not None and self.mode is not None
+        rc = self.cfg.release
+        if self.release_key is None:
+            log.warning("no release: releases are signed and insecure mode has no aggregator key")
+            return {"published": False, "reason": "insecure: no signing key"}
+        if rc.only_if_improved and rnd != self.cfg.rounds and self._released_loss is not None \
+                and rec.mean_loss >= self._released_loss:
+            return {"published": False, "reason": f"held-out loss {rec.mean_loss:.4f} not below the last release's "
+                                                  f"{self._released_loss:.4f}"}
+        t = time.monotonic()
+        built = make_release(self.student.peft, self.student.tok, base=self.cfg.student, root=self.out / "releases", rnd=rnd,
+                             mode=self.mode.name, fleet=rc.fleet, key=self.release_key, heldout=self.eval_examples,
+                             int8=rc.int8, keep=rc.keep)
+        if built is None:
+            return {"published": False, "reason": "parity gate failed (see the aggregator log)"}
+        self._released_loss = rec.mean_loss
+        m = built.manifest
+        msg = M.Release(manifest=built.signed,
+                        files=tuple(M.ReleaseFile(f.name, (built.directory / f.name).read_bytes()) for f in m.files))
+        delivery = self.col.send_release(sorted(self.online), msg, rnd, m.release_id, self.cfg.round_timeout_s)
+        log.info("release %s: installed on %d of %d devices%s", m.release_id, len(delivery["installed"]), len(self.online),
+                 f"; refused by {delivery['refused']}" if delivery["refused"] else "")
+        return {"published": True, "release_id": m.release_id, "bytes": sum(f.size for f in m.files),
+                "files": {f.name: f.size for f in m.files}, "quantization": m.quantization, "parity": m.parity,
+                "seconds": round(time.monotonic() - t, 1), **delivery}
+
     def connect(self) -> None:
         from fl_mqtt.link import MqttLink
 
@@ -364,6 +404,8 @@ class Aggregator:
                 if len(self.online) < self.cfg.quorum:
                     self.wait_for_devices()
                 rec = self.run_round(rnd)
+                if self._release_due(rnd, rec):
+                    rec = dataclasses.replace(rec, release=self.release(rnd, rec))
                 record.append(metrics, rec)
                 em = rec.mean_exact_match
                 log.info("round %d %s: %d/%d updates, mean held-out loss %.4f, exact match %s%s",

@@ -30,6 +30,7 @@ from shared import authority, secagg, secure, sparse, tensors, topics, update_co
 from shared.secagg import hardened
 from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, UploadJournal, decode_frame
 from shared.crypto import load_private_keys, load_public_keys
+from shared.crypto import signed_payload as crypto_payload
 from shared.datasets import Example, load_file
 from shared.errors import ConfigError, ProtocolError, ReplayError, SchemaError
 from shared.profiles import load_profile
@@ -299,6 +300,11 @@ class EdgeClient:
                 assert isinstance(msg, M.SecAggMsg)
                 self.on_secagg(msg)
                 return True
+            if kind == "release":
+                msg = self._unwrap(payload, M.Release, me, self._not_past_round)
+                assert isinstance(msg, M.Release)
+                self.on_release(msg)
+                return True
             if kind != "round":
                 return True
             spec = self._unwrap(payload, M.RoundSpec, me, self._future_round)
@@ -339,6 +345,39 @@ class EdgeClient:
         log.info("%s: round %d update sent (%d bytes on the wire)", me, spec.round, n)
         self.publish_status("online")
         return True
+
+    # -- releases ------------------------------------------------------------------------------
+    def release_store(self) -> Any:
+        from edge_client.releases import ReleaseStore
+
+        if self.agg_pub is None:
+            raise ConfigError("releases are verified under the aggregator's key; insecure mode cannot install them")
+        return ReleaseStore(self.cfg.releases_dir or self.work / "releases", self.agg_pub, self.cfg.fleet)
+
+    def on_release(self, msg: M.Release) -> None:
+        """Stage the files, verify and install (edge_client.releases), and say how it went."""
+        import shutil
+
+        from shared import release
+
+        staging = self.work / "release-staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        rid = "?"
+        try:
+            rid = release.ReleaseManifest.decode(crypto_payload(msg.manifest)).release_id
+            for f in msg.files:
+                if not release.FILE_RE.match(f.name):
+                    raise ProtocolError(f"release file name {f.name!r} is not a plain name")
+                (staging / f.name).write_bytes(f.data)
+            m = self.release_store().install(staging, msg.manifest)
+            self.publish_status("release", f"installed {m.release_id}")
+        except (ProtocolError, ConfigError, OSError) as e:
+            log.error("%s: release %s refused: %s; keeping the current one", self.cfg.device_id, rid, e)
+            self.publish_status("release", f"refused {rid}: {e}"[:500])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.publish_status("online")  # the retained status says online again (the release answer was not)
 
     # -- secure aggregation --------------------------------------------------------------------
     def _kind_of(self, payload: bytes) -> str:

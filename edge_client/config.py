@@ -32,6 +32,9 @@ class EdgeConfig:
     authority_keys: str | None = None
     cert: str | None = None
     insecure: bool = False
+    # The fleet this device belongs to: a release manifest signed for another fleet is refused.
+    fleet: str = "default"
+    releases_dir: str | None = None  # installed ONNX releases; default work_dir/releases
     chunk_bytes: int = 256 * 1024  # largest MQTT payload we send; bigger ones are chunked
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 0.0  # exit after this long without a message; 0 = never

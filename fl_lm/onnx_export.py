@@ -32,19 +32,38 @@ def merge(base: str, adapter: str | Path | None, out_dir: Path, peft_model: Any 
     from fl_lm.loading import load_model, load_tokenizer
 
     if peft_model is not None:
-        merged = copy.deepcopy(peft_model).merge_and_unload()
+        merged = _merge(copy.deepcopy(peft_model))
     else:
         model = load_model(base)
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            model = _merge(PeftModel.from_pretrained(model, str(adapter)))
         merged = model
     merged.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(base).save_pretrained(out_dir)
     return out_dir
+
+
+def _merge(peft_model: Any) -> Any:
+    """``merge_and_unload``, with the output projection untied first.
+
+    The model in memory can project with a matrix that is no longer its input embedding (on the
+    aggregator, where the adapted embedding is loaded into a tied model) while its config still
+    says the two are tied; ``save_pretrained`` then writes one of them and the export ties them
+    again. The parity gate caught it (max logit difference 2.3, tests/fl_sim/test_modes.py):
+    untied explicitly, the release projects with exactly the matrix the trained model uses.
+    """
+    import torch
+
+    base = peft_model.get_base_model()
+    out = base.get_output_embeddings()
+    if getattr(base.config, "tie_word_embeddings", False) and out is not None:
+        out.weight = torch.nn.Parameter(out.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+    return peft_model.merge_and_unload()
 
 
 def export(merged_dir: Path, out_dir: Path, opset: int | None = None) -> Path:

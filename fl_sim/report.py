@@ -31,6 +31,28 @@ def _answers(first: RoundRecord, last: RoundRecord) -> list[str]:
     return out
 
 
+def _releases(rows: list[RoundRecord]) -> list[str]:
+    rel = [r for r in rows if r.release]
+    if not rel:
+        return []
+    out = ["", "## ONNX releases", "",
+           "The global student merged, exported with KV cache and checked against PyTorch before signing (parity gate: "
+           "fp32 max logit difference and identical greedy output on held-out prompts; int8 next-token agreement and "
+           "loss). Under `releases/` in this directory, each with its signed `release.json`.", "",
+           "| round | release | size | quantization | max logit diff | greedy identical | next-token agreement | loss torch / onnx |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rel:
+        x = r.release or {}
+        if not x.get("published"):
+            out.append(f"| {r.round} | not published: {x.get('reason', '')} | | | | | | |")
+            continue
+        p = x["parity"]
+        out.append(f"| {r.round} | {x['release_id']} | {x['bytes'] / 1e6:.2f} MB | {x['quantization']} | "
+                   f"{p['max_logit_diff']:.2g} | {p['greedy_identical']}/{p['prompts']} | {p['token_agreement']:.3f} | "
+                   f"{p['loss_torch']:.4f} / {p['loss_onnx']:.4f} |")
+    return out
+
+
 def _meaning(first: RoundRecord, last: RoundRecord, b: dict[str, Any]) -> list[str]:
     """The loss beside what a uniform guess and a unigram model score, and how much was scored."""
     import math
@@ -114,6 +136,7 @@ def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, A
             lines.append(f"| {r.round} | {cell(r.student.private)} | {cell(r.student.public)} | "
                          f"{cell(r.teacher.private if r.teacher else None)} | {cell(r.teacher.public if r.teacher else None)} | "
                          f"{_fmt(r.distil['seconds'], 1) if r.distil else ''} |")
+    lines += _releases(rows)
     devices = sorted({d for r in rows for d in list(r.bytes_up) + list(r.bytes_down)})
     lines += ["", "## Bytes on the wire per device", "",
               "MQTT PUBLISH packets as sent or received (fixed header, topic, packet id, payload); TCP/TLS framing and acks "

@@ -53,7 +53,7 @@ class DeviceStatus(Message):
 
     KIND: ClassVar[str] = "status"
     device_id: str
-    state: Literal["online", "offline", "training", "declined"]
+    state: Literal["online", "offline", "training", "declined", "release"]  # release: detail says installed or refused
     profile: str
     num_examples: int
     detail: str
@@ -282,8 +282,25 @@ class Signed(Message):
     blob: bytes
 
 
+@dataclass(frozen=True)
+class ReleaseFile:
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Release(Message):
+    """An ONNX release for one device: the aggregator-signed manifest (``shared.release``) and the
+    files it names. The manifest's signature and each file's SHA-256 are what the device trusts;
+    this envelope is signed too, so it cannot be replayed to another device."""
+
+    KIND: ClassVar[str] = "release"
+    manifest: bytes
+    files: tuple[ReleaseFile, ...]
+
+
 KINDS: dict[str, type[Message]] = {c.KIND: c for c in (DeviceStatus, RoundSpec, Update, Shutdown, Sealed, Signed,
-                                                         SparseUpdate, MaskedUpdate, SecAggMsg)}
+                                                         SparseUpdate, MaskedUpdate, SecAggMsg, Release)}
 UPDATE_KINDS: tuple[type[Message], ...] = (Update, SparseUpdate, MaskedUpdate)
 
 

@@ -70,6 +70,16 @@ def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, s
     assert [r.status for r in rows] == ["baseline", "ok", "ok"]
     assert all(r.mode == mode for r in rows)
     assert all(r.student.public is not None and r.student.public.families for r in rows)  # public families scored
+    # Issue 12: after the last round the student is released as signed ONNX and every device installs it.
+    rel = rows[-1].release
+    assert rel is not None and rel["published"], rel
+    assert rel["installed"] == [f"device-{i}" for i in range(3)] and not rel["refused"], rel
+    assert rel["parity"]["passed"] and rel["release_id"] in report.read_text()
+    for i in range(3):
+        cur = out / "edge" / f"device-{i}" / "releases" / "current"
+        assert cur.is_symlink() and cur.resolve().name == rel["release_id"]
+        assert (cur / "model.onnx").stat().st_size == rel["files"]["model.onnx"]
+    assert rows[1].release is None  # not due after round 1 (release.every = 0)
     if mode == "fedkd":
         assert all(r.teacher is not None and r.teacher.public is not None for r in rows)
         for r in rows[1:]:

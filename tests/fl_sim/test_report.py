@@ -97,3 +97,19 @@ def test_the_report_shows_answers_before_and_after(tmp_path: Path) -> None:
     assert read(tmp_path / "metrics.jsonl")[1].samples[0]["answer"] == "5 | 6"
     text = write_report(tmp_path, {}).read_text()
     assert "| arith | ### Instruction: Add. ### Input: 2 3 ### Response: | 5 | the the the | 5 \\| 6 |" in text
+
+
+def test_the_report_lists_releases(tmp_path: Path) -> None:
+    devs = ["device-0"]
+    parity = {"max_logit_diff": 4.8e-7, "greedy_identical": 7, "prompts": 7, "token_agreement": 1.0,
+              "loss_torch": 2.5, "loss_onnx": 2.5}
+    for r in (RoundRecord(round=0, status="baseline", mode="fedit", student=_evals(3.0)),
+              RoundRecord(round=1, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs,
+                          release={"published": False, "reason": "parity gate failed"}),
+              RoundRecord(round=2, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs,
+                          release={"published": True, "release_id": "r0002-fedit", "bytes": 1_800_000, "quantization": "none",
+                                   "parity": parity})):
+        append(tmp_path / "metrics.jsonl", r)
+    text = write_report(tmp_path, {}).read_text()
+    assert "| 2 | r0002-fedit | 1.80 MB | none | 4.8e-07 | 7/7 | 1.000 | 2.5000 / 2.5000 |" in text
+    assert "| 1 | not published: parity gate failed |" in text

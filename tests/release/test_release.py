@@ -37,11 +37,11 @@ def built(tmp_path_factory: pytest.TempPathFactory):
     # identical greedy outputs would prove nothing).
     base = build_default(tmp_path_factory.mktemp("models"), seed=0, pretrain_steps=150, teacher_pretrain_steps=0)["student"]
     tok = load_tokenizer(base)
-    peft = attach_lora(load_model(base), LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj")))
+    peft = attach_lora(load_model(base), LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj", "embed_tokens")))  # tied embeddings adapted: see fl_lm.onnx_export._merge
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in peft.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "lora_embedding_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     peft.eval()
     root = tmp_path_factory.mktemp("agg") / "releases"
@@ -188,3 +188,35 @@ def test_a_release_failing_the_parity_gate_is_never_written(built, tmp_path: Pat
     assert got is None
     assert not [p for p in root.iterdir()]  # nothing under any id, no latest.json
     assert any("NOT published: parity gate failed" in r.getMessage() for r in caplog.records)
+
+
+def test_fl_edge_generate_answers_from_the_verified_release(built, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from edge_client import cli
+    from fl_lm.onnx_session import OnnxLM, Sampling
+    from shared.crypto import save_private_keys, save_public_keys
+
+    save_private_keys(generate_keys(), tmp_path / "dev.key")
+    save_public_keys(built["key"].public, tmp_path / "agg.pub.json")
+    cfg = tmp_path / "device.json"
+    cfg.write_text(json.dumps({"device_id": "dev-1", "broker": "mqtt://127.0.0.1:1", "data": "unused.jsonl",
+                               "student": built["base"], "keys": str(tmp_path / "dev.key"),
+                               "aggregator_keys": str(tmp_path / "agg.pub.json"), "fleet": FLEET,
+                               "work_dir": str(tmp_path / "w"), "releases_dir": str(tmp_path / "device")}))
+    prompt = "### Instruction:\nAdd one.\n### Input:\n3\n### Response:\n"
+    assert cli.main(["generate", prompt, "--config", str(cfg)]) == 2  # nothing installed yet: one line
+    assert any("no release installed" in r.getMessage() for r in caplog.records)
+    _store(built, tmp_path)
+    capsys.readouterr()
+    assert cli.main(["generate", prompt, "--config", str(cfg), "--max-new-tokens", "12"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == {"release_id": built["fp32"].manifest.release_id,
+                   "text": OnnxLM(built["fp32"].directory).generate(prompt, Sampling(max_new_tokens=12))}
+    # Edited on disk after install: refused at load, not served.
+    onnx = tmp_path / "device" / built["fp32"].manifest.release_id / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[100] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    assert cli.main(["generate", prompt, "--config", str(cfg)]) == 2
