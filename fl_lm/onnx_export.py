@@ -91,7 +91,10 @@ def quantize_int8(src_dir: Path, out_dir: Path) -> Path:
     for f in src_dir.iterdir():
         if f.is_file() and not f.name.startswith(ONNX_FILE):
             shutil.copy2(f, out_dir / f.name)
-    quantize_dynamic(str(src_dir / ONNX_FILE), str(out_dir / ONNX_FILE), weight_type=QuantType.QInt8)
+    # Models over 2 GB keep their weights beside the graph (model.onnx_data); int8 output may too.
+    external = any(p.name.startswith(ONNX_FILE + "_data") or p.suffix == ".data" for p in src_dir.iterdir())
+    quantize_dynamic(str(src_dir / ONNX_FILE), str(out_dir / ONNX_FILE), weight_type=QuantType.QInt8,
+                     use_external_data_format=external)
     return out_dir
 
 

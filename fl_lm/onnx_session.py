@@ -24,6 +24,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: always produce max_new_tokens
 
 
 def pick_providers(preferred: tuple[str, ...] | list[str]) -> list[str]:
@@ -86,7 +87,7 @@ class OnnxLM:
         out: list[int] = []
         for _ in range(s.max_new_tokens):
             nxt = _choose(logits[0, -1], s, rng)
-            if nxt == self.tok.eos_token_id:
+            if nxt == self.tok.eos_token_id and not s.ignore_eos:
                 break
             out.append(nxt)
             logits, past = self.forward(np.array([[nxt]], dtype=np.int64), past)

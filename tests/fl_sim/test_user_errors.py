@@ -40,7 +40,37 @@ def _cases(tmp: Path, tiny_models: dict[str, str]) -> list[tuple[str, list[str],
         ("latin-1 text", ["--data", f("latin.txt", ("Canción de cuna. " * 50).encode("latin-1"))],
          "latin.txt: line 1, byte offset 5: not valid utf-8"),
         ("random bytes", ["--data", f("noise.txt", random.Random(1).randbytes(100_000))], "noise.txt: line 1, byte offset"),
+        ("non-utf8 jsonl", ["--data", f("cp.jsonl", _jsonl(GOOD[:3]).encode() + b'{"output": "se\xf1or"}\n')],
+         r"cp.jsonl: line 4, byte offset \d+: not valid utf-8"),
+        ("self-instruct without instances", ["--data", f("si.jsonl", _jsonl(GOOD[:3] + [{"instruction": "x", "instances": []}]))],
+         "si.jsonl: line 4: field 'instances' must be a non-empty list"),
+        ("self-instruct instance without output", ["--data", f("si2.jsonl", _jsonl([{"instruction": "x", "instances": [{"input": "1"}]}]))],
+         r"si2.jsonl: line 1: instances\[0\]: missing field 'output'"),
+        ("chat ending with the user", ["--data", f("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "hi"}]}]))],
+         "chat.jsonl: line 1: the last message must be the assistant's answer"),
+        ("chat with an unknown role", ["--data", f("chat2.jsonl", _jsonl([{"messages": [{"role": "bot", "content": "hi"}]}]))],
+         r"chat2.jsonl: line 1: messages\[0\]: field 'role' must be system, user or assistant"),
+        ("chat content not a string", ["--data", f("chat3.jsonl", _jsonl([{"messages": [{"role": "user", "content": ["x"]}]}]))],
+         r"chat3.jsonl: line 1: messages\[0\]: field 'content' must be a string, got list"),
+        ("dolly without response", ["--data", f("dolly.jsonl", _jsonl([{"instruction": "x", "context": "y"}]))],
+         "dolly.jsonl: line 1: missing field 'response'"),
+        ("output not a string", ["--data", f("num.jsonl", _jsonl([{"instruction": "x", "output": 3}]))],
+         "num.jsonl: line 1: field 'output' must be a string, got int"),
+        ("unknown key", ["--data", f("extra.jsonl", _jsonl([{"instruction": "x", "output": "y", "label": 1}]))],
+         r"extra.jsonl: line 1: unknown key\(s\) \['label'\]"),
+        ("a line that is a list", ["--data", f("list.jsonl", "[1, 2]\n")], "list.jsonl: record 0: expected a JSON object"),
+        ("a JSON array with a broken record", ["--data", f("arr.json", json.dumps([{"output": "a"}, {"instruction": "b"}]))],
+         "arr.json: record 1: no answer field"),
+        ("a truncated JSON array", ["--data", f("trunc.json", '[{"output": "a"}, {"outp')], r"trunc.json: line 1, column \d+: invalid JSON"),
+        ("control bytes as text", ["--data", f("ctrl.txt", "ok " * 20 + "\x00\x01\x02\x03" * 40)],
+         "ctrl.txt: does not look like text"),
+        ("only blank lines", ["--data", f("blank.jsonl", "\n\n   \n")], "blank.jsonl: no examples found"),
+        ("missing data file", ["--data", str(tmp / "nowhere.jsonl")], "nowhere.jsonl: no such file"),
+        ("too few examples to split", ["--data", f("tiny.jsonl", _jsonl(GOOD[:2]))], "too few to hold out"),
+        ("unknown encoding", ["--data", f("enc.txt", "hello"), "--encoding", "no-such-codec"], "enc.txt: unknown encoding"),
         ("wrong student path", ["--student", str(tmp / "no-such-model")], "--student .*no-such-model: no such directory"),
+        ("student is a file", ["--student", str(Path(tiny_models["student"]) / "config.json")], "--student .*config.json: is a file"),
+        ("wrong teacher path", ["--teacher", "./no/such/teacher"], "--teacher ./no/such/teacher: no such directory"),
         ("tokenizer as student", ["--student", str(tok)], "--student .*tokenizer: a tokenizer directory"),
     ]
 
@@ -49,7 +79,9 @@ def test_each_mistake_is_one_line_and_nothing_starts(tiny_models: dict[str, str]
                                                      caplog: pytest.LogCaptureFixture) -> None:
     import re
 
-    for name, args, match in _cases(tmp_path, tiny_models):
+    cases = _cases(tmp_path, tiny_models)
+    assert len(cases) >= 20
+    for name, args, match in cases:
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         caplog.clear()
         with caplog.at_level(logging.INFO):
