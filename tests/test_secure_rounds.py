@@ -334,7 +334,7 @@ def test_over_selection_closes_the_round_at_enough_updates(tiny_models: dict[str
     _check_sum(fl, rec, before, after)
 
 
-def test_a_restarted_device_is_not_locked_out_and_refuses_old_announcements(fleet) -> None:
+def test_a_restarted_device_is_not_locked_out_and_refuses_old_announcements(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """Issue 13, lifecycle: the sequence number and the last round seen survive a restart. Before,
     a restarted device counted from 0 again, so the aggregator (which remembers the device's last
     sequence number) rejected its updates as replays, and it would accept an old signed RoundSpec."""
@@ -342,8 +342,9 @@ def test_a_restarted_device_is_not_locked_out_and_refuses_old_announcements(flee
     from shared import topics
     from shared.errors import ReplayError
 
+    fleet = _build_fleet(tiny_models, tmp_path)
     agg, edges, plan, _ = fleet
-    _round(fleet, {})  # the module's rounds so far have moved device-0's counter past 0
+    _round(fleet, {})  # a round moves device-0's counter past 0
     old = edges[0]
     dev = old.cfg.device_id
     seq_before, seen_before = old.seq, old.last_round

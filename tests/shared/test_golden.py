@@ -32,6 +32,7 @@ SAMPLES: dict[str, object] = {
     "update": M.Update(round=3, device_id="dev-1", seq=7, num_examples=42, steps=20, train_loss=1.25, payload="delta",
                        base_digest="0f" * 32, tensors=ADAPTER),
     "shutdown": M.Shutdown(reason="done"),
+    "release": M.Release(manifest=b"signed-manifest", files=(M.ReleaseFile("model.onnx", b"\x08\x07onnx"), M.ReleaseFile("config.json", b"{}"))),
     "sparse_update": M.SparseUpdate(round=3, device_id="dev-1", seq=8, num_examples=42, steps=20, train_loss=1.25,
                                     base_digest="0f" * 32, encoding="shared", values=bytes(range(8))),
     "masked_update": M.MaskedUpdate(round=3, device_id="dev-1", seq=9, num_examples=42, steps=20, train_loss=1.25,
