@@ -24,7 +24,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    ignore_eos: bool = False  # benchmarks: always produce max_new_tokens
+    ignore_eos: bool = False  # benchmarks: EOS is never chosen (as min_new_tokens does in generate)
 
 
 def pick_providers(preferred: tuple[str, ...] | list[str]) -> list[str]:
@@ -86,8 +86,12 @@ class OnnxLM:
         logits, past = self.forward(np.array([prompt_ids or [self.tok.eos_token_id]], dtype=np.int64))
         out: list[int] = []
         for _ in range(s.max_new_tokens):
-            nxt = _choose(logits[0, -1], s, rng)
-            if nxt == self.tok.eos_token_id and not s.ignore_eos:
+            last = logits[0, -1]
+            if s.ignore_eos:
+                last = last.copy()
+                last[self.tok.eos_token_id] = -np.inf
+            nxt = _choose(last, s, rng)
+            if nxt == self.tok.eos_token_id:
                 break
             out.append(nxt)
             logits, past = self.forward(np.array([[nxt]], dtype=np.int64), past)
