@@ -49,9 +49,10 @@ class HostedModel:
     """Tokenizer + base + PEFT LoRA; ``state`` is the adapter as float32 numpy arrays."""
 
     def __init__(self, name: str, id_or_path: str, lora: M.LoraSpec, *, seed: int, max_seq_len: int, eval_batch_size: int) -> None:
-        from fl_lm.loading import base_digest, load_model, load_tokenizer, param_count
+        from fl_lm.loading import base_digest, check_model_source, load_model, load_tokenizer, param_count
         from fl_lm.lora import attach_lora, get_adapter
 
+        check_model_source(id_or_path, name)  # one line naming what is wrong, not a hub error
         self.name = name
         self.id_or_path = id_or_path
         self.tok = load_tokenizer(id_or_path)

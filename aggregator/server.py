@@ -210,11 +210,13 @@ class Aggregator:
 
     def samples(self) -> list[dict[str, str]]:
         assert self.student is not None
-        picked: dict[str, Example] = {}
-        for e in self.eval_examples:
-            if e.prompt and len(picked) < self.SAMPLES:
-                picked.setdefault(e.family, e)
-        exs = list(picked.values())
+        # One of each family first, then more from the start of the set, up to SAMPLES.
+        with_prompt = [e for e in self.eval_examples if e.prompt]
+        firsts: dict[str, Example] = {}
+        for e in with_prompt:
+            firsts.setdefault(e.family, e)
+        exs = list(firsts.values())[: self.SAMPLES]
+        exs += [e for e in with_prompt if e not in exs][: self.SAMPLES - len(exs)]
         # The prompt is kept as one formatted string: it is the aggregator's own held-out data.
         return [{"family": e.family, "prompt": e.prompt, "reference": e.output, "answer": a}
                 for e, a in zip(exs, self.student.answers(exs))]

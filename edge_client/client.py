@@ -114,8 +114,9 @@ class EdgeClient:
     def load_model(self) -> None:
         import torch
 
-        from fl_lm.loading import base_digest, load_model, load_tokenizer, param_count
+        from fl_lm.loading import base_digest, check_model_source, load_model, load_tokenizer, param_count
 
+        check_model_source(self.cfg.student, "student")  # one line naming what is wrong, not a hub error
         if self.profile.torch_threads:
             torch.set_num_threads(self.profile.torch_threads)
         self._tok = load_tokenizer(self.cfg.student)

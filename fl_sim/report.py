@@ -31,6 +31,14 @@ def _answers(first: RoundRecord, last: RoundRecord) -> list[str]:
     return out
 
 
+def _installed(x: dict[str, Any]) -> str:
+    if "installed" not in x:
+        return ""
+    n = len(x["installed"]) + len(x.get("refused", {})) + len(x.get("no_answer", []))
+    refused = "; ".join(f"{d} refused" for d in x.get("refused", {}))
+    return f"{len(x['installed'])} of {n} devices" + (f" ({refused})" if refused else "")
+
+
 def _releases(rows: list[RoundRecord]) -> list[str]:
     rel = [r for r in rows if r.release]
     if not rel:
@@ -39,17 +47,17 @@ def _releases(rows: list[RoundRecord]) -> list[str]:
            "The global student merged, exported with KV cache and checked against PyTorch before signing (parity gate: "
            "fp32 max logit difference and identical greedy output on held-out prompts; int8 next-token agreement and "
            "loss). Under `releases/` in this directory, each with its signed `release.json`.", "",
-           "| round | release | size | quantization | max logit diff | greedy identical | next-token agreement | loss torch / onnx |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| round | release | size | quantization | max logit diff | greedy identical | next-token agreement | loss torch / onnx | installed on |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rel:
         x = r.release or {}
         if not x.get("published"):
-            out.append(f"| {r.round} | not published: {x.get('reason', '')} | | | | | | |")
+            out.append(f"| {r.round} | not published: {x.get('reason', '')} | | | | | | | |")
             continue
         p = x["parity"]
         out.append(f"| {r.round} | {x['release_id']} | {x['bytes'] / 1e6:.2f} MB | {x['quantization']} | "
                    f"{p['max_logit_diff']:.2g} | {p['greedy_identical']}/{p['prompts']} | {p['token_agreement']:.3f} | "
-                   f"{p['loss_torch']:.4f} / {p['loss_onnx']:.4f} |")
+                   f"{p['loss_torch']:.4f} / {p['loss_onnx']:.4f} | {_installed(x)} |")
     return out
 
 

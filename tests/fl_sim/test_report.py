@@ -108,8 +108,8 @@ def test_the_report_lists_releases(tmp_path: Path) -> None:
                           release={"published": False, "reason": "parity gate failed"}),
               RoundRecord(round=2, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs,
                           release={"published": True, "release_id": "r0002-fedit", "bytes": 1_800_000, "quantization": "none",
-                                   "parity": parity})):
+                                   "parity": parity, "installed": ["device-0"], "refused": {}, "no_answer": ["device-1"]})):
         append(tmp_path / "metrics.jsonl", r)
     text = write_report(tmp_path, {}).read_text()
-    assert "| 2 | r0002-fedit | 1.80 MB | none | 4.8e-07 | 7/7 | 1.000 | 2.5000 / 2.5000 |" in text
+    assert "| 2 | r0002-fedit | 1.80 MB | none | 4.8e-07 | 7/7 | 1.000 | 2.5000 / 2.5000 | 1 of 2 devices |" in text
     assert "| 1 | not published: parity gate failed |" in text
