@@ -67,6 +67,7 @@ PASSWD_ITERATIONS = 101
 PASSWD_SALT_LEN = 12
 TLS_MIN_VERSION = "tlsv1.2"
 MESSAGE_SLACK = 16 * 1024  # chunk frame, envelope and signature around a chunk's bytes
+MAX_QUEUED_BYTES = 64 << 20  # what the broker holds for one absent client (a round's downloads fit)
 
 
 # --- Mosquitto password hashes -------------------------------------------------------------------
@@ -283,6 +284,10 @@ def write_broker_config(
     cred_dir.mkdir(mode=0o700, exist_ok=True)
     user_opt, chown_to = _resolve_broker_user(broker_user)
     broker_read: list[Path] = []  # files Mosquitto itself opens (chowned when we run as root)
+    data_dir = out / "data"  # the broker's persistence (sessions, queued messages)
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    (data_dir / "mosquitto.db").unlink(missing_ok=True)  # the old accounts' sessions go with their passwords
+    broker_read.append(data_dir)
 
     ca_cert = ca_key = server_cert = server_key = None
     if tls:
@@ -322,6 +327,16 @@ def write_broker_config(
         # Every protocol message is at most one chunk plus its frame: bigger ones are dropped at
         # the broker, not delivered for the aggregator to buffer.
         f"message_size_limit {chunk_bytes + MESSAGE_SLACK}",
+        # Sessions outlive an outage: clients ask for a session expiry (fl_mqtt.link), so the
+        # broker keeps their subscriptions and queues QoS 1 messages while they are away, and
+        # persistence keeps both, with the queued messages, across a broker restart (written on
+        # shutdown and every 10 s). The queue is bounded per client so an absent client costs
+        # the broker at most that much.
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "autosave_interval 10",
+        "max_queued_messages 2000",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
     ]
     if user_opt is not None:
         body_lines.append(f"user {user_opt}")

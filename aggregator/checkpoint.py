@@ -1,8 +1,9 @@
-"""The aggregator's durable state: the global adapter per round (PEFT format) and state.json.
+"""The aggregator's checkpoints: the global adapter per round (PEFT format), made current by the store.
 
-``state.json`` is replaced atomically after every checkpoint, so a restart resumes from the last
-completed round: the student's adapter, the teacher's adapter (distillation modes), the server
-optimizer's state and the sparse planner's scores.
+Adapters are written first, each round into its own directory, then ``store.Store.commit_round``
+makes them current together with the optimizer state, the planner's arrays and the replay
+counters, in one transaction: a restart resumes from the last completed round, whole.
+``state.json`` is a copy of the committed pointer for people and scripts; nothing reads it back.
 """
 
 from __future__ import annotations
@@ -10,20 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aggregator.store import FILE as STORE_FILE
+from aggregator.store import RoundState, Store
+
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class State:
-    round: int  # last completed round (0 = initial adapter)
-    checkpoint: str  # directory of the global (student) adapter, PEFT save_pretrained format
-    teacher_checkpoint: str | None = None  # the teacher's adapter, when a mode trains one
+MIRROR = "state.json"
+# Files of the aggregator before the store (one file each, replaced one after another).
+_LEGACY = {"announced": "announced.json", "optimizer": "server_optimizer.npz", "scores": "sparse_scores.npy",
+           "sketch": "sparse_sketch.npy"}
+# What forget_old_fleet removes: the last fleet's progress (SQLite's WAL files included).
+RUN_STATE = (MIRROR, STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", *_LEGACY.values())
 
 
 def checkpoint_dir(out_dir: Path, rnd: int, model: str = "student") -> Path:
@@ -31,8 +35,8 @@ def checkpoint_dir(out_dir: Path, rnd: int, model: str = "student") -> Path:
     return (base if model == "student" else base / model) / f"round_{rnd:04d}"
 
 
-def save(out_dir: Path, rnd: int, peft_model: Any, teacher: Any = None) -> State:
-    """Write the adapters with PEFT's own save_pretrained, then atomically point state.json at them."""
+def save_adapters(out_dir: Path, rnd: int, peft_model: Any, teacher: Any = None) -> tuple[str, str | None]:
+    """Write the adapters with PEFT's own save_pretrained; they are not current until committed."""
     from fl_lm.lora import save as save_adapter
 
     d = checkpoint_dir(out_dir, rnd)
@@ -41,48 +45,41 @@ def save(out_dir: Path, rnd: int, peft_model: Any, teacher: Any = None) -> State
     if teacher is not None:
         td = checkpoint_dir(out_dir, rnd, "teacher")
         save_adapter(teacher, td)
-    st = State(round=rnd, checkpoint=str(d), teacher_checkpoint=str(td) if td else None)
-    tmp = out_dir / "state.json.tmp"
+    return str(d), str(td) if td else None
+
+
+def write_mirror(out_dir: Path, st: RoundState) -> None:
+    tmp = out_dir / (MIRROR + ".tmp")
     tmp.write_text(json.dumps(asdict(st), indent=2))
-    os.replace(tmp, out_dir / "state.json")
-    return st
+    os.replace(tmp, out_dir / MIRROR)
 
 
-def load_state(out_dir: Path) -> State | None:
-    p = out_dir / "state.json"
-    if not p.exists():
-        return None
-    data = json.loads(p.read_text())
-    tc = data.get("teacher_checkpoint")
-    return State(round=int(data["round"]), checkpoint=str(data["checkpoint"]), teacher_checkpoint=str(tc) if tc else None)
+def open_store(out_dir: Path) -> Store:
+    """The store in ``out_dir``; a directory from before the store is imported into it once."""
+    new = not (out_dir / STORE_FILE).exists()
+    store = Store(out_dir / STORE_FILE)
+    if new and (out_dir / MIRROR).exists():
+        _import_legacy(out_dir, store)
+    return store
 
 
-ANNOUNCED = "announced.json"
-
-
-def mark_announced(out_dir: Path, rnd: int) -> None:
-    """Record, durably and before anyone hears of it, that round ``rnd`` is being announced.
-
-    Devices refuse a round number they have seen (a replay), so a restarted aggregator must never
-    announce one again: the masked sum and the devices' secrets of an interrupted round are gone,
-    so that round is abandoned and the next number is used instead.
-    """
-    tmp = out_dir / (ANNOUNCED + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps({"round": rnd}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / ANNOUNCED)
-
-
-def last_announced(out_dir: Path) -> int:
-    p = out_dir / ANNOUNCED
-    if not p.exists():
-        return 0
-    try:
-        return int(json.loads(p.read_text())["round"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{p} is corrupt ({e}); it must hold the last announced round") from e
+def _import_legacy(out_dir: Path, store: Store) -> None:
+    d = json.loads((out_dir / MIRROR).read_text())
+    st = RoundState(round=int(d["round"]), version=int(d.get("version", d["round"])), checkpoint=str(d["checkpoint"]),
+                    teacher_checkpoint=d.get("teacher_checkpoint") or None)
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    opt = out_dir / _LEGACY["optimizer"]
+    if opt.exists():
+        with np.load(opt, allow_pickle=False) as z:
+            arrays["optimizer"] = {k: z[k] for k in z.files}
+    sp = {k: np.load(out_dir / _LEGACY[k], allow_pickle=False) for k in ("scores", "sketch") if (out_dir / _LEGACY[k]).exists()}
+    if sp:
+        arrays["sparse"] = sp
+    store.commit_round(st, arrays, {})
+    ann = out_dir / _LEGACY["announced"]
+    if ann.exists():
+        store.mark_announced(int(json.loads(ann.read_text())["round"]), {})
+    log.info("imported the aggregator state of %s (round %d) into %s", out_dir, st.round, store.path)
 
 
 def next_round(completed: int, announced: int) -> int:
@@ -94,18 +91,3 @@ def load_adapter(checkpoint: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return dict(load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
-
-
-def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Optimizer or planner state as .npz (no pickles), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        return {}
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

@@ -109,6 +109,7 @@ class Collector:
         self.keep_received = keep_received
         self.accept_plain = accept_plain  # how a plain round's update becomes a Reply
         self._ignored: set[str] = set()
+        self._suspects: dict[str, tuple[float, str, int]] = {}  # device -> (when its "offline" came, detail, round)
 
     @property
     def insecure(self) -> bool:
@@ -148,7 +149,8 @@ class Collector:
             else:
                 kind = t.kind
             if kind == "status":
-                self.on_status(t.device_id, self.unwrap(payload, M.DeviceStatus, t.device_id, self._status_round))  # type: ignore[arg-type]
+                self.on_status(t.device_id, self.unwrap(payload, M.DeviceStatus, t.device_id, self._status_round),  # type: ignore[arg-type]
+                               retained=retain)
             elif kind == "update":
                 self.on_update(t.device_id, self.unwrap(payload, self._update_kind(payload), t.device_id, self._current_round))  # type: ignore[arg-type]
             elif kind == "secagg":
@@ -200,15 +202,24 @@ class Collector:
         if r != current:
             raise ReplayError(f"update for round {r}; the open round is {current}")
 
-    def on_status(self, device: str, st: M.DeviceStatus) -> None:
+    def on_status(self, device: str, st: M.DeviceStatus, retained: bool = False) -> None:
         if st.device_id != device:
             raise ReplayError(f"status for {st.device_id} arrived on {device}'s topic")
         if st.state == "offline":
             self.online.pop(device, None)
-            if self.book is not None and device in self.book.participants:
+            if retained and self.book is not None:
+                # A retained "offline" is the broker's memory, replayed because we (re)subscribed:
+                # after a broker restart every device's will is there, though most are back. A
+                # device that really is gone misses the stage and is dropped at its deadline; one
+                # that is back says "online" again (fl_mqtt.link's birth message).
+                log.info("round %d: retained offline status of %s (from before our reconnect); not a dropout yet",
+                         self.book.rnd, device)
+            elif self.book is not None and device in self.book.participants:
                 # Also when it is not awaited right now: a later secure-aggregation stage would be.
-                self.book.drop(device, f"offline: {st.detail}" if st.detail else "offline")
-                log.warning("round %d: device %s went offline (%s); treating it as a dropout", self.book.rnd, device, st.detail)
+                # Confirmed after OFFLINE_GRACE_S unless our own link drops meanwhile: a broker
+                # that shuts down sends every client's will first (even with a will delay), and
+                # then the "offline" says the broker left, not the device.
+                self._suspects[device] = (time.monotonic(), st.detail, self.book.rnd)
         elif st.state == "declined":
             # Whatever stage is being collected: a device declines while training, after it has
             # answered the key stages, and the update stage must not wait for it.
@@ -222,6 +233,37 @@ class Collector:
             if device not in self.online:
                 log.info("device %s online (%s)", device, st.profile)
             self.online[device] = st.num_examples
+            self._suspects.pop(device, None)
+            b = self.book
+            if (st.detail == "started" and not retained and b is not None and device in b.participants
+                    and device not in b.dropped):
+                # A new process of a device that was in this round: its round secrets died with
+                # the old one, so it cannot finish the round; nobody waits for it. It is online
+                # for the next round.
+                b.drop(device, "restarted during the round")
+                log.warning("round %d: device %s restarted; it is a dropout this round", b.rnd, device)
+
+    OFFLINE_GRACE_S = 2.0
+
+    def _settle_suspects(self) -> None:
+        """Offline statuses become dropouts once the grace has passed with our link up throughout."""
+        if not self._suspects:
+            return
+        now, b = time.monotonic(), self.book
+        lost_at = float(getattr(self.link, "last_disconnect", 0.0))
+        for device, (t, detail, rnd) in list(self._suspects.items()):
+            if b is None or b.rnd != rnd:
+                del self._suspects[device]  # that round is over; `online` already forgot the device
+            elif lost_at >= t - 1.0:
+                # Our own link went down around it: the broker went away; the device's birth
+                # message says "online" again when it is back, and the stage deadline covers the rest.
+                del self._suspects[device]
+                log.info("device %s: offline status while the broker went down; not a dropout", device)
+            elif now - t >= self.OFFLINE_GRACE_S:
+                del self._suspects[device]
+                if device in b.participants:
+                    b.drop(device, f"offline: {detail}" if detail else "offline")
+                    log.warning("round %d: device %s went offline (%s); treating it as a dropout", b.rnd, device, detail)
 
     def on_update(self, device: str, up: Update) -> None:
         b = self.book
@@ -300,9 +342,10 @@ class Collector:
         while time.monotonic() < until:
             if self.book is not None and (not self.book.waiting_for() or self.book.closed_early()):
                 return
-            inc = self.link.get(timeout=min(0.5, max(0.01, until - time.monotonic())))
+            inc = self.link.get(timeout=min(0.25, max(0.01, until - time.monotonic())))
             if inc is not None:
                 self.dispatch(inc.topic, inc.payload, inc.wire_bytes, getattr(inc, "retain", False))
+            self._settle_suspects()
             for sender, xfer in self.uploads.expire():
                 log.warning("dropped incomplete upload %s from %s (idle too long)", xfer, sender)
 

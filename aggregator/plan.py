@@ -55,10 +55,16 @@ def secagg_spec(c: AggregatorConfig, participants: list[str], online: dict[str, 
 def round_spec(c: AggregatorConfig, rnd: int, participants: list[str], *, global_state: dict[str, np.ndarray],
                layout: sparse.Layout, lora: M.LoraSpec, digest: str, online: dict[str, int],
                scores: np.ndarray | None, sketch: np.ndarray | None,
-               scoring: M.ScoringSpec | None = None) -> M.RoundSpec:
+               scoring: M.ScoringSpec | None = None, version: int | None = None) -> M.RoundSpec:
     """The round's announcement: global adapter, index set, secure-aggregation settings and, in an
-    fl-minillm client-teacher round, the rollouts the devices score."""
-    seed = c.seed * 100_003 + rnd
+    fl-minillm client-teacher round, the rollouts the devices score.
+
+    ``version`` is how many rounds have changed the model so far. The seed (local training order,
+    index set) follows it rather than the round number, so the k-th change of the model is made
+    the same way whatever rounds were lost before it: a run with an aborted round ends where a
+    fault-free run with one round fewer ends (tests/test_faults.py). Without faults the two agree.
+    """
+    seed = c.seed * 100_003 + (rnd if version is None else version + 1)
     sp = sparse_spec(c, layout.dim, seed, scores, sketch)
     sa = secagg_spec(c, participants, online, sp.method) if c.secagg else None
     return M.RoundSpec(round=rnd, participants=tuple(participants), local_steps=c.local_steps,

@@ -28,6 +28,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.model import HostedModel
 from aggregator.modes import Mode, ModeContext
 from aggregator.record import ModelEvals, RoundRecord
+from aggregator.store import RoundState, Store
 from aggregator.strategy import Reply, make_strategy, weighted_mean
 from shared import messages as M
 from shared import secagg, sparse, update_codec
@@ -36,9 +37,6 @@ from shared.datasets import Example, load_file
 from shared.errors import ConfigError, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
-
-OPTIMIZER_FILE = "server_optimizer.npz"
-
 
 def load_eval(path: str, max_per_family: int) -> list[Example]:
     """A file, or a directory whose files are one family each (named after the file)."""
@@ -116,7 +114,9 @@ class Aggregator:
         self.global_state: dict[str, np.ndarray] = {}  # the global student adapter (what rounds announce)
         self.mode: Mode | None = None
         self.round = 0
-        self.announced = 0  # the last round number ever announced (durable: checkpoint.ANNOUNCED)
+        self.version = 0  # how many rounds changed the model; seeds the next round (see plan.round_spec)
+        self.announced = 0  # the last round number ever announced (durable, in the store)
+        self.store: Store | None = None
         self.scores: np.ndarray | None = None  # momentum of aggregate magnitudes, for global top-k
         self.sketch: np.ndarray | None = None  # last round's summed magnitude sketch (secure aggregation)
         if cfg.secagg:
@@ -177,20 +177,21 @@ class Aggregator:
         self.digest = s.digest
         self.mode = modes.make(c.mode, ModeContext(cfg=c, out=self.out, student=s, public=self.public,
                                                    eval_private=self.eval_examples, eval_public=self.eval_public))
-        st = checkpoint.load_state(self.out)
+        self.store = store = checkpoint.open_store(self.out)
+        st = store.state()
         if st is not None:
             s.load(st.checkpoint)
             if st.teacher_checkpoint:
                 self.mode.resume({"teacher": st.teacher_checkpoint})
-            self.round = st.round
-            for attr, name in (("scores", "sparse_scores.npy"), ("sketch", "sparse_sketch.npy")):
-                if (self.out / name).exists():  # the aggregator's own files: what picks the next index set
-                    setattr(self, attr, np.load(self.out / name, allow_pickle=False))
-            self.strategy.load_state_arrays(checkpoint.load_arrays(self.out / OPTIMIZER_FILE))
-            log.info("resumed from %s (round %d)", st.checkpoint, st.round)
+            self.round, self.version = st.round, st.version
+            sp = store.arrays("sparse")  # what picks the next index set
+            self.scores, self.sketch = sp.get("scores"), sp.get("sketch")
+            self.strategy.load_state_arrays(store.arrays("optimizer"))
+            self.col.last_seq.update(store.replay_counters())
+            log.info("resumed from %s (round %d, model version %d)", st.checkpoint, st.round, st.version)
         else:
             self._checkpoint(0)
-        self.announced = checkpoint.last_announced(self.out)
+        self.announced = store.announced()
         if self.announced > self.round:
             log.warning("round %d was announced but did not complete (the aggregator stopped during it, or it was "
                         "abandoned): devices would refuse its number again, so the next round is %d, from round %d's "
@@ -202,9 +203,13 @@ class Aggregator:
 
     def _checkpoint(self, rnd: int) -> None:
         assert self.student is not None and self.mode is not None
+        assert self.store is not None
         extra = self.mode.checkpoint_models()
-        checkpoint.save(self.out, rnd, self.student.peft, teacher=extra.get("teacher"))
-        checkpoint.save_arrays(self.out / OPTIMIZER_FILE, self.strategy.state_arrays())
+        d, td = checkpoint.save_adapters(self.out, rnd, self.student.peft, teacher=extra.get("teacher"))
+        st = RoundState(round=rnd, version=self.version, checkpoint=d, teacher_checkpoint=td)
+        sp = {k: v for k, v in (("scores", self.scores), ("sketch", self.sketch)) if v is not None}
+        self.store.commit_round(st, {"optimizer": self.strategy.state_arrays(), "sparse": sp}, self.col.last_seq)
+        checkpoint.write_mirror(self.out, st)
 
     SAMPLES = 4  # held-out prompts whose answers each round's record shows (the first of each family)
 
@@ -254,8 +259,7 @@ class Aggregator:
             if res.scores is not None:
                 self.mode.take_fleet(b.rnd, res.scores)
             if res.sketch is not None:
-                self.sketch = res.sketch
-                np.save(self.out / "sparse_sketch.npy", self.sketch, allow_pickle=False)
+                self.sketch = res.sketch  # committed with the round
             mean = res.mean
             new = self.strategy.aggregate_mean(self.global_state, mean)
         else:
@@ -272,7 +276,6 @@ class Aggregator:
             raise secure_round.AggregateRejected(f"the new global adapter has non-finite values in {bad[:3]}")
         if self.cfg.sparse_method == "topk" and self.cfg.density < 1.0:
             self.scores = sparse.update_scores(self.scores, sparse.flatten(mean, self.layout), self.cfg.topk_beta)
-            np.save(self.out / "sparse_scores.npy", self.scores, allow_pickle=False)
         return new
 
     def run_round(self, rnd: int) -> RoundRecord:
@@ -292,11 +295,12 @@ class Aggregator:
             scoring = self.mode.scoring(rnd) if self.cfg.secagg else None  # fl-minillm client rounds
             b.spec = plan.round_spec(self.cfg, rnd, participants, global_state=self.global_state, layout=self.layout,
                                      lora=self.lora, digest=self.digest, online=self.online, scores=self.scores,
-                                     sketch=self.sketch, scoring=scoring)
+                                     sketch=self.sketch, scoring=scoring, version=self.version)
             b.idx = update_codec.round_indices(b.spec.sparse)
             b.max_upload = plan.upload_cap(b.spec, self.global_state)
             # announce, collect, aggregate
-            checkpoint.mark_announced(self.out, rnd)
+            assert self.store is not None
+            self.store.mark_announced(rnd, self.col.last_seq)
             self.announced = rnd
             self._announce(b)
             new = self._collect_and_aggregate(b)
@@ -314,6 +318,8 @@ class Aggregator:
         distil = None
         if new is None:
             log.error("round %d abandoned: %s; global model unchanged", rnd, reason)
+            assert self.store is not None
+            self.store.abandon(rnd, reason, self.col.last_seq)
         else:
             self.student.set_state(new)
             distil = self.mode.distil(rnd)  # may move the student: the distilled one is the next global model
@@ -324,6 +330,7 @@ class Aggregator:
                 distil["scoring_up_bytes_per_device"] = sparse.ring_bytes(sc.values, b.spec.secagg.ring_bits)
                 distil["scoring_down_bytes_per_device"] = sum(len(t.data) for t in sc.tensors)
             self.global_state = self.student.state
+            self.version += 1
             self._checkpoint(rnd)
         self.round = rnd
         # evaluate, record

@@ -443,6 +443,14 @@ def judge(st: Setup, seeds: list[dict[str, Any]]) -> dict[str, Any]:
         if not st.text and "centralized" in s:
             j["centralized_mean_em"] = s["centralized"]["private"]["exact_match"]
             j["centralized_at_least_0.5"] = s["centralized"]["private"]["exact_match"] >= 0.5
+        if "fl-minillm" in s:
+            # Issue 10: does sequence-level distillation beat token-level fedkd here (greedy and sampled)?
+            mm = s["fl-minillm"]
+            j["flminillm_vs_fedkd_mean"] = (student_metric(mm, st), student_metric(kd, st))
+            j["flminillm_beats_fedkd_mean"] = student_metric(mm, st) > student_metric(kd, st)
+            if st.text:
+                j["flminillm_vs_fedkd_sampled_rouge_l"] = (mm["private"]["rouge_l_sampled"], kd["private"]["rouge_l_sampled"])
+                j["flminillm_beats_fedkd_sampled"] = mm["private"]["rouge_l_sampled"] > kd["private"]["rouge_l_sampled"]
         if st.text and "centralized" in s:
             j["centralized_ppl_vs_unigram"] = (s["centralized"]["private"]["perplexity"], s["baselines"]["unigram"]["perplexity"])
         out[f"seed{s['seed']}"] = j
@@ -453,18 +461,20 @@ def table(st: Setup, seeds: list[dict[str, Any]], methods: list[str]) -> list[st
     rows = ["student base", *methods]
     lines = []
     if st.text:
-        lines.append(f"{'method':16s} " + " ".join(f"{'s' + str(s['seed']) + ' ppl':>10s} {'ROUGE-L':>8s}" for s in seeds))
+        lines.append(f"{'method':16s} " + " ".join(f"{'s' + str(s['seed']) + ' ppl':>10s} {'RL-greedy':>9s} {'RL-sampled':>10s}"
+                                                    for s in seeds))
         for m in rows:
             key = "student_base" if m == "student base" else m
             cells = []
             for s in seeds:
                 r = s.get(key)
-                cells.append(f"{r['private']['perplexity']:10.1f} {r['private']['rouge_l']:8.3f}" if r else f"{'-':>10s} {'-':>8s}")
+                cells.append(f"{r['private']['perplexity']:10.1f} {r['private']['rouge_l']:9.3f} "
+                             f"{r['private'].get('rouge_l_sampled', float('nan')):10.3f}" if r else f"{'-':>10s} {'-':>9s} {'-':>10s}")
             lines.append(f"{m:16s} " + " ".join(cells))
         b = seeds[0]["baselines"]
         lines.append(f"{'uniform (ln V)':16s} {b['uniform']['perplexity']:10.1f}")
         lines.append(f"{'unigram':16s} {b['unigram']['perplexity']:10.1f}   (echo-input ROUGE-L {b['echo_input_rouge_l']:.3f})")
-        return lines
+        return lines + bytes_lines(seeds, methods)
     lines.append(f"{'method':16s} " + " ".join(f"{'s' + str(s['seed']) + ' privEM':>10s} {'pubEM':>6s} {'privL':>6s} {'pubL':>6s} {'mean':>6s}"
                                                 for s in seeds))
     for m in rows:
@@ -488,7 +498,17 @@ def table(st: Setup, seeds: list[dict[str, Any]], methods: list[str]) -> list[st
                     cells.append(f"{r['private']['exact_match']:10.3f} {r['public']['exact_match']:6.3f} {r['private']['loss']:6.3f} "
                                  f"{r['public']['loss']:6.3f} {student_metric(r, st):6.3f}")
                 lines.append(f"{(m + ' ' + when.split('_')[1] + ' T'):16s} " + " ".join(cells))
-    return lines
+    return lines + bytes_lines(seeds, methods)
+
+
+def bytes_lines(seeds: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    """Bytes each federated method sends per device per round, everything on the wire counted (seed 0)."""
+    out = [f"{'bytes/dev/round':16s} {'up kB':>10s} {'down kB':>8s}"]
+    for m in methods:
+        r = seeds[0].get(m) or {}
+        if "upload_bytes_per_device_per_round" in r:
+            out.append(f"{m:16s} {r['upload_bytes_per_device_per_round'] / 1e3:10.1f} {r['download_bytes_per_device_per_round'] / 1e3:8.1f}")
+    return out
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -523,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: synthetic, 1 seed, 2 rounds, < 2 minutes")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--datasets", default="synthetic,alpaca")
-    ap.add_argument("--methods", default="local,fedit,fedkd,centralized,fedkd_xtok")
+    ap.add_argument("--methods", default="local,fedit,fedkd,centralized,fl-minillm,fedkd_xtok")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Setup field, e.g. distil_steps=10")
     ap.add_argument("--work", default=None, help="where runs go (default: a temporary directory)")
@@ -557,21 +577,28 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ms = [m for m in methods if not (st.text and m == "fedkd_xtok")]
         per_seed = [one_seed(st, s, work / st.name / f"seed{s}", ms, a.quick) for s in seeds]
-        results[st.name] = {"setup": asdict(st), "methods": ms, "seeds": per_seed, "targets": judge(st, per_seed)}
+        results[st.name] = {"setup": asdict(st), "methods": ms, "seeds": per_seed}
+        write_results(a, seeds, results, t0, partial=True)  # an hour of runs is not lost to a later failure
+        results[st.name]["targets"] = judge(st, per_seed)
         print(f"\n== {st.name}: {st.devices} devices, {st.rounds} rounds x {st.local_steps} local steps "
               f"({'perplexity, ROUGE-L' if st.text else 'exact match, loss'}; held-out)")
         print("\n".join(table(st, per_seed, ms)))
         print(json.dumps(results[st.name]["targets"], indent=1))
+    stem = write_results(a, seeds, results, t0)
+    plot(results, ROOT / "benchmarks" / "results" / f"{stem}.png")
+    print(f"\nwrote benchmarks/results/{stem}.json and {stem}.png ({time.monotonic() - t0:.0f}s)")
+    return 0
+
+
+def write_results(a: argparse.Namespace, seeds: list[int], results: dict[str, Any], t0: float, partial: bool = False) -> str:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = ("quality.quick" if a.quick else "quality") + (f".{a.tag}" if a.tag else "")
     doc = {"benchmark": "quality", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(), "quick": a.quick, "seeds": seeds, "wall_s": round(time.monotonic() - t0, 1),
-           "results": results}
+           "partial": partial, "results": results}
     (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
-    plot(results, out_dir / f"{stem}.png")
-    print(f"\nwrote {out_dir / (stem + '.json')} and {stem}.png ({time.monotonic() - t0:.0f}s)")
-    return 0
+    return stem
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ from shared.profiles import load_profile
 
 log = logging.getLogger(__name__)
 
+# The detail of an "online" status: a new process, or the same one back after a broker outage.
+STARTED, RECONNECTED = "started", "reconnected"
+
 
 class EdgeClient:
     def __init__(self, cfg: EdgeConfig) -> None:
@@ -243,9 +246,12 @@ class EdgeClient:
                              protocol=c.protocol, will=(topics.up(c.device_id, "status"), self._status("offline", "connection lost")),
                              allow_plaintext_password=c.allow_plaintext_password)
         self.link.connect(c.connect_timeout_s)
+        self.link.birth = (topics.up(c.device_id, "status"), self._status("online", RECONNECTED))
         self.link.subscribe(topics.bcast_filter())
         self.link.subscribe(topics.down_filter(c.device_id))
-        self.publish_status("online")
+        # "started": this process holds no round's secrets, so a round it was in before a
+        # restart goes on without it at once (the aggregator drops it) instead of waiting for it.
+        self.publish_status("online", STARTED)
         self.resume_uploads()
 
     def resume_uploads(self) -> None:

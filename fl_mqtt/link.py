@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -141,6 +142,7 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         keepalive: int = 30,
         allow_plaintext_password: bool = False,
+        session_expiry_s: int = 3600,
     ) -> None:
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {protocol!r}")
@@ -156,6 +158,11 @@ class MqttLink:
         self.protocol = protocol
         self.will = will
         self.keepalive = keepalive
+        self.session_expiry_s = session_expiry_s
+        # Reconnect backoff with jitter: a fleet that lost the broker at the same moment does not
+        # come back in lock-step (1 s doubling to 10 s, each client's scaled by 0.5-1.5).
+        j = random.uniform(0.5, 1.5)
+        self.reconnect_delay = (1.0 * j, 10.0 * j)
         self.inbox = BoundedInbox()
         self.counter = WireCounter()
         self.mqtt5 = False
@@ -164,6 +171,11 @@ class MqttLink:
         self._connect_failed = threading.Event()  # refused, or dropped before CONNACK
         self._connect_rc: Any = None
         self._subs: list[tuple[str, int]] = []
+        self._ever_connected = False
+        self.last_disconnect = 0.0  # monotonic time the link last went down (0: never)
+        # Published (retained, QoS 1) on every reconnect: after an outage the broker may hold our
+        # last will ("offline") as the retained status though we are back.
+        self.birth: tuple[str, bytes] | None = None
 
     # -- callbacks: enqueue only --------------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
@@ -173,9 +185,15 @@ class MqttLink:
         else:
             for filt, qos in self._subs:  # re-subscribe after a reconnect
                 client.subscribe(filt, qos=qos)
+            if self._ever_connected:
+                log.info("%s: reconnected to the broker", self.client_id)
+                if self.birth is not None:
+                    client.publish(self.birth[0], self.birth[1], qos=1, retain=True)  # queued; never wait on paho's thread
+            self._ever_connected = True
             self._connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.last_disconnect = time.monotonic()
         if not self._connected.is_set():
             self._connect_failed.set()
         self._connected.clear()
@@ -205,6 +223,7 @@ class MqttLink:
         import paho.mqtt.client as mqtt
 
         self.close()
+        self._ever_connected = False
         self.mqtt5 = version == "5"
         proto = mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311
         kwargs: dict[str, Any] = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": self.client_id, "protocol": proto}
@@ -220,12 +239,28 @@ class MqttLink:
             c.will_set(self.will[0], self.will[1], qos=1, retain=True)
         c.max_inflight_messages_set(20)
         # Reconnect soon after an outage, backing off to 10 s while the broker stays away.
-        c.reconnect_delay_set(min_delay=1, max_delay=10)
+        c.reconnect_delay_set(min_delay=self.reconnect_delay[0], max_delay=self.reconnect_delay[1])  # type: ignore[arg-type]
         self._connect_rc = None
         self._connected.clear()
         self._connect_failed.clear()
+        extra: dict[str, Any] = {}
+        if self.mqtt5 and self.session_expiry_s > 0:
+            # A persistent session (MQTT 5): while the link is down the broker keeps our
+            # subscriptions and queues QoS 1 messages for us, across its own restart too.
+            # clean_start is false from the first connect: Mosquitto 2.0 does not write a session
+            # begun with clean_start to its persistence file (seen with 2.0.11), and what a
+            # previous run of this process left queued is refused by round and sequence number
+            # like any replay (a restarted device also gets the round it missed). MQTT 3.1.1 (the
+            # embedded one-machine broker) stays clean-session.
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+            extra["properties"] = props
+            extra["clean_start"] = False
         try:
-            c.connect(self.addr.host, self.addr.port, keepalive=self.keepalive)
+            c.connect(self.addr.host, self.addr.port, keepalive=self.keepalive, **extra)
         except OSError as e:
             raise LinkError(str(e)) from e
         c.loop_start()

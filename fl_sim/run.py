@@ -239,7 +239,7 @@ def forget_old_fleet(out: Path) -> None:
     devices' durable state (sequence numbers, rounds seen, outboxes) belong to the old fleet. Left
     in place, the aggregator would carry on numbering after the old announcements and stop at once
     (a second `make demo` into the same directory ran no rounds)."""
-    for stale in ("metrics.jsonl", "state.json", checkpoint.ANNOUNCED):
+    for stale in ("metrics.jsonl", *checkpoint.RUN_STATE):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "edge", ignore_errors=True)
 

@@ -1,0 +1,173 @@
+"""The aggregator's durable round state, in one SQLite file committed a transaction at a time.
+
+Why SQLite: a restart must find either the state before a round or the state after it, never half
+of each. Before, the adapter pointer (state.json), the server optimizer's moments, the sparse
+planner's scores and the announced round were separate files replaced one after another: a crash
+between two of them resumed a new adapter with old optimizer state. SQLite (stdlib ``sqlite3``,
+no server, one file beside the checkpoints, WAL journal, ``synchronous=FULL``) makes the whole
+boundary one commit, and it is what Flower's SuperLink keeps its state in. The adapters themselves
+stay PEFT directories on disk (``checkpoint.py``): they are written first, under a new round's
+name, and only the commit makes them current.
+
+What is kept:
+- ``meta``: the last announced round (committed *before* anyone hears of it), the last completed
+  round, how many rounds changed the model (``version``), the current adapter directories.
+- ``arrays``: the server optimizer's state, the planner's scores and sketch, as ``.npz`` bytes
+  (numpy without pickles).
+- ``replay``: the highest message sequence number accepted from each device. Committed at each
+  round boundary: a message accepted after the last commit belongs to a round that the crash
+  interrupted, and that round's number is refused after a restart anyway.
+- ``phases``: each round's phase boundaries (announced, applied, abandoned), for the operator.
+
+The enrolled-device registry stays the operator's file (``fl-agg enroll``): the service only
+reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FILE = "aggregator.db"
+SCHEMA = 1
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS arrays (name TEXT PRIMARY KEY, npz BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS replay (device TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS phases (round INTEGER NOT NULL, phase TEXT NOT NULL, at REAL NOT NULL, detail TEXT NOT NULL);
+"""
+
+
+class StoreError(ConfigError):
+    """The state file is unreadable or from another schema; the message names the file (one line at the CLI)."""
+
+
+@dataclass(frozen=True)
+class RoundState:
+    round: int  # last completed round (0 = initial adapter)
+    version: int  # how many rounds changed the model (a round that was abandoned does not)
+    checkpoint: str  # directory of the global (student) adapter, PEFT save_pretrained format
+    teacher_checkpoint: str | None = None  # the teacher's adapter, when a mode trains one
+
+
+def _npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **dict(arrays))
+    return buf.getvalue()
+
+
+def _unnpz(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_TABLES)
+            v = self._meta("schema")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a readable aggregator state file ({e})") from e
+        if v is None:
+            self._set_meta({"schema": str(SCHEMA)})
+        elif int(v) != SCHEMA:
+            raise StoreError(f"{self.path}: state schema {v}, this aggregator reads schema {SCHEMA}")
+
+    # -- reads ----------------------------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def announced(self) -> int:
+        """The last round number ever announced (0: none)."""
+        return int(self._meta("announced") or 0)
+
+    def state(self) -> RoundState | None:
+        raw = self._meta("state")
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return RoundState(round=int(d["round"]), version=int(d["version"]), checkpoint=str(d["checkpoint"]),
+                          teacher_checkpoint=d.get("teacher_checkpoint") or None)
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        row = self.db.execute("SELECT npz FROM arrays WHERE name = ?", (name,)).fetchone()
+        return {} if row is None else _unnpz(row[0])
+
+    def replay_counters(self) -> dict[str, int]:
+        return {str(d): int(s) for d, s in self.db.execute("SELECT device, seq FROM replay")}
+
+    def phases(self, rnd: int | None = None) -> list[tuple[int, str, str]]:
+        q = "SELECT round, phase, detail FROM phases" + (" WHERE round = ?" if rnd is not None else "") + " ORDER BY rowid"
+        return [(int(r), str(p), str(d)) for r, p, d in self.db.execute(q, () if rnd is None else (rnd,))]
+
+    # -- writes: each one transaction -----------------------------------------------------------
+    def _set_meta(self, kv: Mapping[str, str]) -> None:
+        self.db.executemany("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            list(kv.items()))
+
+    def mark_announced(self, rnd: int, replay: Mapping[str, int]) -> None:
+        """Durably, before the announcement goes out: devices refuse a round number they have
+        seen, so a restarted aggregator must never announce ``rnd`` again."""
+        with self._tx():
+            self._set_meta({"announced": str(rnd)})
+            self._put_replay(replay)
+            self._phase(rnd, "announced", "")
+
+    def commit_round(self, st: RoundState, arrays: Mapping[str, Mapping[str, np.ndarray]], replay: Mapping[str, int]) -> None:
+        """The round's result becomes current: adapter pointers, version, arrays and counters together."""
+        with self._tx():
+            self._set_meta({"state": json.dumps({"round": st.round, "version": st.version, "checkpoint": st.checkpoint,
+                                                 "teacher_checkpoint": st.teacher_checkpoint})})
+            self.db.executemany("INSERT INTO arrays(name, npz) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET npz = excluded.npz",
+                                [(k, _npz(v)) for k, v in arrays.items()])
+            self._put_replay(replay)
+            self._phase(st.round, "applied", f"version {st.version}")
+
+    def abandon(self, rnd: int, reason: str, replay: Mapping[str, int]) -> None:
+        with self._tx():
+            self._put_replay(replay)
+            self._phase(rnd, "abandoned", reason)
+
+    def _put_replay(self, replay: Mapping[str, int]) -> None:
+        # Only ever up: a counter that went down would let an old message through again.
+        self.db.executemany("INSERT INTO replay(device, seq) VALUES(?, ?) ON CONFLICT(device) DO UPDATE SET seq = "
+                            "MAX(seq, excluded.seq)", list(replay.items()))
+
+    def _phase(self, rnd: int, phase: str, detail: str) -> None:
+        self.db.execute("INSERT INTO phases(round, phase, at, detail) VALUES(?, ?, ?, ?)", (rnd, phase, time.time(), detail))
+
+    def _tx(self) -> _Tx:
+        return _Tx(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, et: object, e: object, tb: object) -> None:
+        self.db.execute("COMMIT" if et is None else "ROLLBACK")

@@ -1,0 +1,88 @@
+"""A device process with one fault built in, for the fault-injection suite (tests/test_faults.py).
+
+Run as ``python -c "from tests.fault_inject import main; main()" FAULT run --config FILE``: it
+patches one function of the real edge client and then runs the real ``fl-edge`` entry point.
+
+Faults:
+- ``nan``: every local update has a NaN in it (what a diverged or broken device produces).
+- ``slow-upload``: each update upload stops after its manifest and first chunk, writes
+  ``WORK_DIR/uploading`` and waits ``FAULT_PAUSE_S`` seconds (default 60) before the rest, so a
+  test can kill the process, or stop the broker, in the middle of an upload.
+- ``standby``: loads everything and waits for ``WORK_DIR/go`` before it connects: a restart
+  whose start-up cost (imports, model load) was paid before the old process was killed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _nan() -> None:
+    import numpy as np
+
+    import fl_lm.lora as lora
+
+    real = lora.sub
+
+    def sub(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = real(a, b)
+        first = sorted(out)[0]
+        v = np.array(out[first], copy=True)
+        v.reshape(-1)[0] = np.nan
+        out[first] = v
+        return out
+
+    lora.sub = sub
+
+
+def _slow_upload(work_dir: Path) -> None:
+    import os
+
+    import fl_mqtt.transfer as transfer
+
+    pause = float(os.environ.get("FAULT_PAUSE_S", "60"))
+
+    real = transfer.iter_chunks
+
+    def iter_chunks(payload: bytes, manifest: Any, todo: list[int]) -> Any:
+        for i, chunk in enumerate(real(payload, manifest, todo)):
+            if i == 1:
+                (work_dir / "uploading").write_text(str(manifest.count))
+                time.sleep(pause)
+            yield chunk
+
+    transfer.iter_chunks = iter_chunks
+
+
+def _standby(work_dir: Path) -> None:
+    from edge_client.client import EdgeClient
+
+    real = EdgeClient.connect
+
+    def connect(self: EdgeClient) -> None:
+        while not (work_dir / "go").exists():
+            time.sleep(0.02)
+        real(self)
+
+    EdgeClient.connect = connect  # type: ignore[method-assign]
+
+
+def main() -> None:
+    import json
+
+    fault, argv = sys.argv[1], sys.argv[2:]
+    cfg = json.loads(Path(argv[argv.index("--config") + 1]).read_text())
+    if fault == "nan":
+        _nan()
+    elif fault == "slow-upload":
+        _slow_upload(Path(cfg["work_dir"]))
+    elif fault == "standby":
+        _standby(Path(cfg["work_dir"]))
+    else:
+        raise SystemExit(f"unknown fault {fault!r}")
+    from edge_client.cli import main as edge_main
+
+    sys.exit(edge_main(argv))
