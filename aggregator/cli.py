@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--replace", action="store_true", help="replace the key of a device that is already enrolled")
     en.add_argument("--cert", type=Path, default=None, help="the device's certificate from fl-authority certify")
     en.add_argument("--authority", type=Path, default=None, help="authority.pub.json, to check the certificate")
+    rb = sub.add_parser("rollback", help="ask the aggregator to announce a signed rollback to a kept release")
+    rb.add_argument("--config", required=True, help="the aggregator's config")
+    rb.add_argument("--to", required=True, help="the kept release id to go back to (see OUT/releases)")
+    rb.add_argument("--reason", default="", help="why, for the record (OUT/releases/rollbacks.jsonl)")
     bc = sub.add_parser("broker-config", help="write a Mosquitto config with TLS, passwords and ACLs")
     bc.add_argument("--out", required=True, type=Path)
     bc.add_argument("--devices", required=True, help="comma-separated device ids")
@@ -80,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
                                         port=args.port, host=args.host, force=args.force,
                                         observers=[o for o in args.observers.split(",") if o])
             log.info("wrote %s; per-device credentials in %s", files.conf_path, args.out)
+        elif args.cmd == "rollback":
+            from aggregator.config import load
+            from aggregator.release import request_rollback
+            from shared.crypto import load_private_keys
+
+            cfg = load(args.config)
+            if cfg.insecure or not cfg.keys:
+                raise ValueError("releases are signed with the aggregator's key; an insecure config has none")
+            key = load_private_keys(cfg.keys)
+            replaces = request_rollback(Path(cfg.out_dir) / "releases", args.to, args.reason, key.public, cfg.release.fleet)
+            log.info("rollback from %s to %s requested: the running aggregator announces it at the next round boundary "
+                     "(or when it next starts)", replaces, args.to)
         else:
             from aggregator.config import load
             from aggregator.server import Aggregator

@@ -3,7 +3,11 @@
 Build into a hidden directory, check parity against the PyTorch student on held-out prompts,
 then write the signed manifest and rename the directory into place: a release that fails is
 never written under its id, so it can never be announced, and the fleet keeps the previous one.
-The last ``keep`` releases stay on disk for a signed rollback.
+The last ``keep`` releases stay on disk for a signed rollback: ``make_rollback`` signs a kept
+release's manifest again with ``rollback_of`` naming the release it replaces; devices install it
+over a newer one only when that names their current release, and revoke the replaced one.
+``fl-agg rollback`` asks the running service for one (``request_rollback``); it is announced at
+the next round boundary, or when the service next starts.
 """
 
 from __future__ import annotations
@@ -77,3 +81,65 @@ def _prune(root: Path, keep: int) -> None:
                   key=lambda p: p.stat().st_mtime, reverse=True)
     for p in dirs[keep:]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+ROLLBACK_REQUEST = "rollback-request.json"
+ROLLBACKS = "rollbacks.jsonl"
+
+
+def kept(root: Path, key_public: Any, fleet: str) -> dict[str, release.ReleaseManifest]:
+    """The releases on disk whose signed manifests verify, by id."""
+    out: dict[str, release.ReleaseManifest] = {}
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and (d / release.MANIFEST).exists():
+            try:
+                out[d.name] = release.verify((d / release.MANIFEST).read_bytes(), key_public, fleet)
+            except Exception as e:  # a damaged kept release is not a rollback target
+                log.warning("kept release %s is unusable: %s", d.name, e)
+    return out
+
+
+def current_id(root: Path) -> str | None:
+    p = root / "latest.json"
+    return str(json.loads(p.read_text())["release_id"]) if p.exists() else None
+
+
+def request_rollback(root: Path, to: str, reason: str, key_public: Any, fleet: str) -> str:
+    """Check the target and leave the request for the service; returns the release it replaces."""
+    from shared.errors import ConfigError
+
+    have = kept(root, key_public, fleet)
+    cur = current_id(root)
+    if to not in have:
+        raise ConfigError(f"no kept release {to!r} under {root} (kept: {', '.join(sorted(have)) or 'none'})")
+    if cur is None or cur == to:
+        raise ConfigError(f"release {to!r} is already the current one" if cur == to else f"no release is current under {root}")
+    tmp = root / (ROLLBACK_REQUEST + ".tmp")
+    tmp.write_text(json.dumps({"to": to, "replaces": cur, "reason": reason}))
+    os.replace(tmp, root / ROLLBACK_REQUEST)
+    return cur
+
+
+def make_rollback(root: Path, to: str, replaces: str, key: DeviceKeys, fleet: str) -> Built:
+    """The kept release ``to``, its manifest signed again as a rollback of ``replaces``."""
+    from dataclasses import replace as dc_replace
+
+    from shared.errors import ConfigError
+
+    d = root / to
+    if not (d / release.MANIFEST).exists():
+        raise ConfigError(f"no kept release {to!r} under {root}")
+    m = release.verify((d / release.MANIFEST).read_bytes(), key.public, fleet)
+    release.check_files(m, d)  # what we send is still what was signed
+    rb = dc_replace(m, rollback_of=replaces)
+    return Built(rb, d, release.sign(rb, key))
+
+
+def record_rollback(root: Path, entry: dict[str, Any]) -> None:
+    with (root / ROLLBACKS).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    latest = json.loads((root / "latest.json").read_text()) if (root / "latest.json").exists() else {}
+    latest.update({"release_id": entry["to"], "rollback_of": entry["replaces"]})
+    (root / "latest.json").write_text(json.dumps(latest, indent=2))

@@ -14,6 +14,7 @@ evaluate, record.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -386,6 +387,33 @@ class Aggregator:
                 "files": {f.name: f.size for f in m.files}, "quantization": m.quantization, "parity": m.parity,
                 "seconds": round(time.monotonic() - t, 1), **delivery}
 
+    def rollback_if_requested(self) -> dict[str, Any] | None:
+        """Announce the signed rollback ``fl-agg rollback`` asked for, if any (aggregator.release)."""
+        from aggregator import release as rel
+
+        root = self.out / "releases"
+        req_path = root / rel.ROLLBACK_REQUEST
+        if not req_path.exists() or self.release_key is None:
+            return None
+        req = json.loads(req_path.read_text())
+        req_path.unlink()
+        try:
+            built = rel.make_rollback(root, str(req["to"]), str(req["replaces"]), self.release_key, self.cfg.release.fleet)
+        except (ConfigError, ProtocolError) as e:
+            log.error("rollback to %s NOT announced: %s", req.get("to"), e)
+            return None
+        m = built.manifest
+        msg = M.Release(manifest=built.signed,
+                        files=tuple(M.ReleaseFile(f.name, (built.directory / f.name).read_bytes()) for f in m.files))
+        delivery = self.col.send_release(sorted(self.online), msg, self.round, m.release_id, self.cfg.round_timeout_s)
+        entry = {"to": m.release_id, "replaces": m.rollback_of, "reason": req.get("reason", ""), "after_round": self.round,
+                 **delivery}
+        rel.record_rollback(root, entry)
+        self._released_loss = None  # the next release is judged afresh
+        log.warning("rollback from %s to %s announced (%s): installed on %d of %d devices", m.rollback_of, m.release_id,
+                    entry["reason"] or "no reason given", len(delivery["installed"]), len(self.online))
+        return entry
+
     def connect(self) -> None:
         from fl_mqtt.link import MqttLink
 
@@ -412,6 +440,7 @@ class Aggregator:
             for rnd in range(checkpoint.next_round(self.round, self.announced), self.cfg.rounds + 1):
                 if len(self.online) < self.cfg.quorum:
                     self.wait_for_devices()
+                self.rollback_if_requested()
                 rec = self.run_round(rnd)
                 if self._release_due(rnd, rec):
                     rec = dataclasses.replace(rec, release=self.release(rnd, rec))
@@ -421,6 +450,7 @@ class Aggregator:
                          rnd, rec.status, len(rec.received), len(rec.participants), rec.mean_loss,
                          "n/a" if em is None else f"{em:.3f}",
                          f", teacher loss {rec.teacher.private.mean_loss:.4f}" if rec.teacher else "")
+            self.rollback_if_requested()
         finally:
             self.col.broadcast_shutdown(self.round)
             self.link.close()

@@ -9,6 +9,7 @@ checked again on the copy before the switch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -49,6 +50,8 @@ class ReleaseStore:
         """Verify ``staged`` against the signed manifest and make it current; SchemaError (and the
         old release still current) on any failure."""
         m = release.verify(signed_manifest, self.aggregator, self.fleet)
+        if m.release_id in self.revoked():
+            raise SchemaError(f"release {m.release_id} was revoked by a signed rollback; it is not installed again")
         release.check_files(m, staged)
         cur = self._link("current")
         if cur is not None:
@@ -70,12 +73,33 @@ class ReleaseStore:
             os.replace(tmp, final)
         else:
             release.check_files(m, final)
+        if m.rollback_of:
+            # Revoked before the switch: a replay of the release rolled back from (signed, and
+            # newer) must not put it back.
+            self._revoke(m.rollback_of)
         if cur is not None and cur != final:
             self._point("previous", cur)
         self._point("current", final)
         self._prune()
         log.info("release %s (round %d, %s) installed and current", m.release_id, m.round, m.mode)
         return m
+
+    REVOKED = "revoked.json"
+
+    def revoked(self) -> set[str]:
+        p = self.root / self.REVOKED
+        if not p.exists():
+            return set()
+        try:
+            return set(json.loads(p.read_text()))
+        except ValueError as e:
+            raise SchemaError(f"{p} is damaged ({e}); it lists the releases rolled back from") from None
+
+    def _revoke(self, release_id: str) -> None:
+        ids = sorted(self.revoked() | {release_id})
+        tmp = self.root / (self.REVOKED + ".tmp")
+        tmp.write_text(json.dumps(ids))
+        os.replace(tmp, self.root / self.REVOKED)
 
     def rollback(self) -> release.ReleaseManifest:
         """Make ``previous`` current again (a local decision, e.g. after a signed rollback announcement)."""

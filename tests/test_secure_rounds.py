@@ -213,6 +213,26 @@ def test_a_device_gone_offline_mid_update_is_not_awaited(fleet) -> None:
     _check_sum(fleet, rec, before, after)
 
 
+def test_a_rejected_update_drops_its_sender_at_once(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: an update that authenticates but fails a check (here a sequence number behind the
+    last accepted one, as from a device that lost its counter) drops the sender at once; the
+    round does not wait out its 60 s update deadline for it."""
+    import dataclasses
+    import time
+
+    agg, edges, _, _ = fleet
+    bad = edges[1]
+    real = bad.send_update
+    monkeypatch.setattr(bad, "send_update", lambda up: real(dataclasses.replace(up, seq=1)))
+    t0 = time.monotonic()
+    rec, before, after = _round(fleet, {})
+    took = time.monotonic() - t0
+    assert rec.status == "ok" and "device-1" not in rec.received and len(rec.received) == N - 1
+    assert rec.drop_reasons["device-1"].startswith("rejected: ReplayError: repeated"), rec.drop_reasons
+    assert took < agg.cfg.round_timeout_s / 4, took
+    _check_sum(fleet, rec, before, after)
+
+
 def test_an_out_of_bounds_aggregate_is_not_applied(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The unmasked sum is checked before it is applied: a summed weight no honest fleet can
     produce drops the round, with the reason, and leaves the model."""

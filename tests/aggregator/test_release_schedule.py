@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 from aggregator.config import ReleaseConfig
@@ -21,3 +22,20 @@ def test_schedule() -> None:
     assert _due(7, ReleaseConfig(every=3)) == [3, 6, 7]
     assert _due(6, ReleaseConfig(every=2), {4: "abandoned", 6: "abandoned"}) == [2]  # nothing new to release
     assert _due(6, ReleaseConfig(enabled=False, every=1)) == []
+
+
+def test_only_if_improved_skips_a_release_that_is_not_better(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import aggregator.release
+
+    calls = []
+    monkeypatch.setattr(aggregator.release, "make_release", lambda *a, **k: calls.append(k["rnd"]))  # None: as if the gate failed
+    rc = ReleaseConfig(every=1, only_if_improved=True)
+    fake = SimpleNamespace(cfg=SimpleNamespace(rounds=6, release=rc, student="s"), release_key=object(), _released_loss=2.0,
+                           student=SimpleNamespace(peft=None, tok=None), mode=SimpleNamespace(name="fedit"),
+                           out=Path("/nonexistent"), eval_examples=[])
+    worse = Aggregator.release(fake, 3, SimpleNamespace(mean_loss=2.1))  # type: ignore[arg-type]
+    assert not worse["published"] and "not below the last release's 2.0000" in worse["reason"] and calls == []
+    better = Aggregator.release(fake, 4, SimpleNamespace(mean_loss=1.9))  # type: ignore[arg-type]
+    assert calls == [4] and "parity gate" in better["reason"]
+    last = Aggregator.release(fake, 6, SimpleNamespace(mean_loss=2.5))  # the last round always gets its release built
+    assert calls == [4, 6] and not last["published"]

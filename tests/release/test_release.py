@@ -220,3 +220,89 @@ def test_fl_edge_generate_answers_from_the_verified_release(built, tmp_path: Pat
     data[100] ^= 0xFF
     onnx.write_bytes(bytes(data))
     assert cli.main(["generate", prompt, "--config", str(cfg)]) == 2
+
+
+def test_a_signed_rollback_reinstates_a_kept_release_and_revokes_the_bad_one(built, tmp_path: Path) -> None:
+    """The aggregator keeps its last releases and announces a signed rollback; the device goes
+    back to the kept one only because the rollback names its current release, and the release
+    rolled back from is revoked: replaying it (it is signed, and newer) does not put it back."""
+    import json
+    import shutil
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from aggregator import release as rel
+    from aggregator.server import Aggregator
+    from edge_client.releases import ReleaseStore
+    from shared.errors import ConfigError
+
+    good, bad = built["fp32"], built["int8"]
+    root = tmp_path / "out" / "releases"
+    shutil.copytree(built["root"], root)
+    (root / "latest.json").write_text(json.dumps({"release_id": bad.manifest.release_id}))
+    key = built["key"]
+    device = ReleaseStore(tmp_path / "device", key.public, FLEET)
+    device.install(good.directory, good.signed)
+    device.install(bad.directory, bad.signed)
+    assert device.current()[0].release_id == bad.manifest.release_id
+
+    with pytest.raises(ConfigError, match="no kept release 'r0099-x'.*r0003-fedkd"):
+        rel.request_rollback(root, "r0099-x", "", key.public, FLEET)
+    with pytest.raises(ConfigError, match="already the current"):
+        rel.request_rollback(root, bad.manifest.release_id, "", key.public, FLEET)
+    assert rel.request_rollback(root, good.manifest.release_id, "wrong answers", key.public, FLEET) == bad.manifest.release_id
+
+    def send_release(devices, msg, rnd, rid, timeout):  # type: ignore[no-untyped-def]
+        staged = tmp_path / "staged"  # what the device receives: the message's files and signed manifest
+        staged.mkdir()
+        for f in msg.files:
+            (staged / f.name).write_bytes(f.data)
+        m = device.install(staged, msg.manifest)
+        return {"down_bytes": {}, "installed": [devices[0]] if m.release_id == rid else [], "refused": {}, "no_answer": []}
+
+    svc = SimpleNamespace(out=root.parent, release_key=key, cfg=SimpleNamespace(release=SimpleNamespace(fleet=FLEET), round_timeout_s=5),
+                          col=SimpleNamespace(send_release=send_release), online={"device-0": 1}, round=6, _released_loss=1.0)
+    entry = Aggregator.rollback_if_requested(svc)  # type: ignore[arg-type]
+    assert entry is not None and entry["installed"] == ["device-0"] and entry["reason"] == "wrong answers"
+    assert Aggregator.rollback_if_requested(svc) is None  # a request is announced once  # type: ignore[arg-type]
+    assert device.current()[0].release_id == good.manifest.release_id
+    assert json.loads((root / "latest.json").read_text())["release_id"] == good.manifest.release_id
+    assert [json.loads(x)["to"] for x in (root / rel.ROLLBACKS).read_text().splitlines()] == [good.manifest.release_id]
+
+    with pytest.raises(SchemaError, match="revoked by a signed rollback"):
+        device.install(bad.directory, bad.signed)  # the replay of the bad release
+    assert device.current()[0].release_id == good.manifest.release_id
+
+    # A rollback is accepted only over the release it names.
+    other = ReleaseStore(tmp_path / "other", key.public, FLEET)
+    other.install(bad.directory, bad.signed)
+    wrong = release.sign(replace(good.manifest, rollback_of="r0005-fedkd"), key)
+    with pytest.raises(SchemaError, match="older than the current"):
+        other.install(good.directory, wrong)
+
+
+def test_fl_agg_rollback_checks_the_target_and_leaves_a_request(built, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+    import shutil
+
+    from aggregator import cli
+    from aggregator.release import ROLLBACK_REQUEST
+    from shared.crypto import save_private_keys
+
+    out = tmp_path / "out"
+    shutil.copytree(built["root"], out / "releases")
+    (out / "releases" / "latest.json").write_text(json.dumps({"release_id": built["int8"].manifest.release_id}))
+    save_private_keys(built["key"], tmp_path / "agg.key")
+    cfg = tmp_path / "agg.json"
+    cfg.write_text(json.dumps({"broker": "mqtts://127.0.0.1:1", "student": built["base"], "eval_data": str(tmp_path),
+                               "out_dir": str(out), "keys": str(tmp_path / "agg.key"), "registry": str(tmp_path / "registry.json"), "secagg": False, "mode": "fedit",
+                               "release": {"fleet": FLEET}}))
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["rollback", "--config", str(cfg), "--to", "r0042-nope"]) == 2
+    err = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(err) == 1 and "no kept release 'r0042-nope'" in err[0] and not (out / "releases" / ROLLBACK_REQUEST).exists()
+    to = built["fp32"].manifest.release_id
+    assert cli.main(["rollback", "--config", str(cfg), "--to", to, "--reason", "regressed"]) == 0
+    req = json.loads((out / "releases" / ROLLBACK_REQUEST).read_text())
+    assert req == {"to": to, "replaces": built["int8"].manifest.release_id, "reason": "regressed"}
