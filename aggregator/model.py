@@ -58,7 +58,7 @@ class HostedModel:
         self.tok = load_tokenizer(id_or_path)
         base = load_model(id_or_path)
         self.params = param_count(base)
-        self.digest = base_digest(base)
+        self.digest = base_digest(base, id_or_path)
         self.lora = lora
         self.peft = attach_lora(base, lora, seed=seed)
         self.state: dict[str, np.ndarray] = get_adapter(self.peft)

@@ -44,6 +44,30 @@ def generate(args: argparse.Namespace) -> None:
     sys.stdout.write(json.dumps(server.generate(args.prompt, s)) + "\n")
 
 
+def plan(args: argparse.Namespace) -> None:
+    """The memory plan of a model on a profile: text (stderr log) and JSON (stdout), nothing loaded."""
+    import json
+
+    from edge_client import environment, planner
+    from fl_lm.loading import check_model_source
+    from shared.messages import LoraSpec
+    from shared.profiles import load_profile
+
+    profile = load_profile(args.profile)
+    check_model_source(args.model, "--model")
+    shape = planner.shape_of(args.model)
+    targets = tuple(t for t in args.targets.split(",") if t)
+    lora = LoraSpec(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, target_modules=targets)
+    if args.rank > profile.max_lora_rank:
+        raise ConfigError(f"--rank {args.rank}: profile {profile.name} allows at most {profile.max_lora_rank}")
+    p = planner.plan(profile, shape, lora)
+    for w in environment.check(profile):
+        log.warning("%s", w)
+    log.info("%s params (%s in quantizable linear layers), LoRA %s params\n%s", f"{shape.params:,}",
+             f"{shape.linear_params:,}", f"{shape.lora_params(lora):,}", p.text())
+    sys.stdout.write(json.dumps({**p.to_json(), "model": args.model, "params": shape.params}, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-edge", description="FL-MiniLLM edge client")
     ap.add_argument("--log-level", default="INFO")
@@ -59,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    pl = sub.add_parser("plan", help="the memory plan of a model on a device profile (loads nothing)")
+    pl.add_argument("--profile", required=True, help="firmware_profiles/NAME.toml, or a path")
+    pl.add_argument("--model", required=True, help="model id or path (its config is read, not its weights)")
+    pl.add_argument("--rank", type=int, default=16, help="LoRA rank the rounds ask for")
+    pl.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    help="comma-separated LoRA target modules")
     kg = sub.add_parser("keygen", help="create this device's signing and encryption keys")
     kg.add_argument("--out", required=True, type=Path, help="directory for device.key and device.pub.json")
     kg.add_argument("--force", action="store_true", help="overwrite an existing private key")
@@ -71,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             keygen(args.out, args.force)
         elif args.cmd == "generate":
             generate(args)
+        elif args.cmd == "plan":
+            plan(args)
         else:
             from edge_client.client import EdgeClient
             from edge_client.config import load

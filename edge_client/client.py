@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_client import state as device_state
 from edge_client import update_builder
-from edge_client.budget import Declined, NonFiniteUpdate, check_model, local_steps
+from edge_client.budget import BudgetExceeded, Declined, NonFiniteUpdate, check_model, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
 from shared import authority, secagg, secure, sparse, tensors, topics, update_codec
@@ -65,6 +65,8 @@ class EdgeClient:
         self._tok: Any = None
         self._peft: Any = None
         self._lora: M.LoraSpec | None = None
+        self._checkpointing = False
+        self.shape: Any = None  # edge_client.planner.ModelShape of the student, from its config
         self.digest = ""
         self.link: Any = None
         # Secure-aggregation round in progress: its spec and the protocol state between stages.
@@ -117,17 +119,31 @@ class EdgeClient:
     def load_model(self) -> None:
         import torch
 
-        from fl_lm.loading import base_digest, check_model_source, load_model, load_tokenizer, param_count
+        from fl_lm.loading import base_digest, check_model_source, load_model, load_tokenizer
+
+        from edge_client import environment, planner
 
         check_model_source(self.cfg.student, "student")  # one line naming what is wrong, not a hub error
+        for w in environment.check(self.profile):
+            log.warning("%s: %s", self.cfg.device_id, w)
         if self.profile.torch_threads:
             torch.set_num_threads(self.profile.torch_threads)
+        # Planned from the config alone, before a byte of the model is allocated: a base that
+        # cannot fit even the smallest training setting is refused here, in one line.
+        self.shape = planner.shape_of(self.cfg.student)
+        check_model(self.profile, self.shape.params)
+        planner.plan(self.profile, self.shape, planner.SMALLEST_LORA)
         self._tok = load_tokenizer(self.cfg.student)
-        self._model = load_model(self.cfg.student)
-        check_model(self.profile, param_count(self._model))
-        self.digest = base_digest(self._model)
+        bits = self.profile.quant_bits
+        if bits < 16:
+            from fl_lm.quantized import load_quantized
+
+            self._model = load_quantized(self.cfg.student, bits)
+        else:
+            self._model = load_model(self.cfg.student)
+        self.digest = base_digest(self._model, self.cfg.student)
         log.info("%s: student %s loaded (%d params, digest %s), %d private examples",
-                 self.cfg.device_id, self.cfg.student, param_count(self._model), self.digest[:12], len(self.examples))
+                 self.cfg.device_id, self.cfg.student, self.shape.params, self.digest[:12], len(self.examples))
 
     def _peft_for(self, spec: M.LoraSpec) -> Any:
         from fl_lm.lora import attach_lora
@@ -146,13 +162,28 @@ class EdgeClient:
 
         if spec.base_digest != self.digest:
             raise Declined(f"stale base: round {spec.round} is for base {spec.base_digest[:12]}, this device has {self.digest[:12]}")
+        from edge_client import planner
+
         steps = local_steps(self.profile, spec)
+        try:
+            p = planner.plan(self.profile, self.shape, spec.lora)  # the largest setting that fits, or decline
+        except planner.PlanError as e:
+            raise BudgetExceeded(f"round {spec.round} (LoRA r {spec.lora.r}) {e}") from None
+        s = p.setting
+        if s.checkpointing != self._checkpointing:
+            if s.checkpointing:
+                from fl_lm.quantized import enable_checkpointing
+
+                enable_checkpointing(self._model)
+            else:
+                self._model.gradient_checkpointing_disable()
+            self._checkpointing = s.checkpointing
         peft = self._peft_for(spec.lora)
         start = tensors.unpack(spec.adapter)
         set_adapter(peft, start)
         t0 = time.monotonic()
         res = train_lora(peft, self._tok, self.examples, steps=steps, lr=spec.learning_rate,
-                         batch_size=self.profile.batch_size, max_len=self.profile.max_seq_len,
+                         batch_size=s.batch, max_len=s.seq,
                          seed=spec.seed + zlib.crc32(self.cfg.device_id.encode()) % 10_000)
         log.info("%s: round %d trained %d steps in %.1fs, loss %.3f -> %.3f",
                  self.cfg.device_id, spec.round, res.steps, time.monotonic() - t0, res.first_loss, res.last_loss)

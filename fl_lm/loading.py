@@ -71,12 +71,16 @@ def param_count(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def base_digest(model: Any) -> str:
+def base_digest(model: Any, source: str | None = None) -> str:
     """SHA-256 over the base weights (name, dtype, shape, bytes), sorted by name.
 
-    Both sides compute it from what they loaded, so a round is refused when a device's base is not
-    the aggregator's; no path ever travels.
+    Both sides compute it the same way, so a round is refused when a device's base is not the
+    aggregator's; no path ever travels. With ``source`` a local directory of safetensors files it
+    is computed from the files, one tensor at a time: a device that loads its base quantized
+    (fl_lm.quantized) never holds the float weights, and still proves which base it has.
     """
+    if source is not None and Path(source).is_dir() and sorted(Path(source).glob("*.safetensors")):
+        return file_digest(Path(source))
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         arr = t.detach().cpu().contiguous().numpy()
@@ -84,4 +88,27 @@ def base_digest(model: Any) -> str:
         h.update(str(arr.dtype).encode())
         h.update(np.asarray(arr.shape, dtype=np.int64).tobytes())
         h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def file_digest(directory: Path) -> str:
+    """``base_digest`` of the safetensors files in ``directory`` (all shards), streamed per tensor."""
+    import torch
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                where[k] = f
+    h = hashlib.sha256()
+    h.update(b"safetensors-v1")  # never equal to a state-dict digest by accident
+    for k in sorted(where):
+        with safe_open(str(where[k]), framework="pt") as sf:
+            t = sf.get_tensor(k)
+        raw = t.contiguous().view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(np.asarray(tuple(t.shape), dtype=np.int64).tobytes())
+        h.update(raw.tobytes())
     return h.hexdigest()

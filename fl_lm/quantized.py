@@ -49,6 +49,22 @@ def quantize_base(model: Any, bits: int, group_size: int = GROUP_SIZE) -> int:
     return n
 
 
+def load_quantized(id_or_path: str, bits: int, group_size: int = GROUP_SIZE) -> Any:
+    """The base, quantized as it loads (transformers' HqqConfig): the float weights are never all
+    in memory at once, which is the point on an 8 GB device."""
+    import torch
+    from transformers import AutoModelForCausalLM, HqqConfig
+
+    if bits not in BITS:
+        raise ValueError(f"quantized base: bits must be one of {BITS}, got {bits}")
+    cuda = torch.cuda.is_available()
+    q = HqqConfig(nbits=bits, group_size=group_size, skip_modules=list(SKIP))
+    model = AutoModelForCausalLM.from_pretrained(id_or_path, quantization_config=q, device_map="cuda" if cuda else "cpu",
+                                                 dtype=torch.float16 if cuda else torch.float32)
+    model.config.fl_quantized_base = {"method": "hqq", "bits": bits, "group_size": group_size}
+    return model
+
+
 def enable_checkpointing(model: Any) -> None:
     """Recompute activations in the backward pass: activation memory drops from one set per layer
     to about one layer's worth, for roughly a third more compute (the planner counts both)."""

@@ -1,0 +1,195 @@
+"""On-device training: each quantization mode against plain LoRA, and the memory planner's accuracy.
+
+    python benchmarks/edge_train.py           # demo student and a Qwen2.5-0.5B-shaped student
+    python benchmarks/edge_train.py --quick   # demo student only, < 2 minutes
+
+Each configuration runs in its own spawned process, so its memory is its own. The process loads
+the base from disk (the Qwen shape is randomly initialized and saved first). With ``bits`` 4 or 8
+it quantizes the base with HQQ (fl_lm.quantized), attaches LoRA r 16 on every linear layer, and
+takes a warm-up step, then timed AdamW steps, at a fixed batch and sequence length. Reported:
+- tokens per second over the timed steps;
+- the peak resident memory (VmHWM), whole process;
+- the memory planner's prediction for the same setting (``edge_client.planner.predict``);
+- measured / predicted, where issue 13's acceptance asks for a gap within 25 %.
+Plain LoRA on the unquantized fp32 base is the baseline of the speed and memory ratios (issue 13
+target on CPU: 4-bit at no more than 0.4x the memory and no less than 0.8x the speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("edge_train")
+QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+              rms_norm_eps=1e-6, tie_word_embeddings=True)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _run(model_dir: str, bits: int, ckpt: bool, batch: int, seq: int, steps: int, threads: int, q: Any) -> None:
+    """One configuration in a fresh process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import peft  # noqa: F401  (the runtime the planner's constant stands for)
+    import transformers  # noqa: F401
+
+    from fl_lm.loading import load_model
+    from fl_lm.lora import attach_lora
+    from shared.messages import LoraSpec
+
+    runtime_mb = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    model = load_model(model_dir)
+    if bits < 16:
+        from fl_lm.quantized import quantize_base
+
+        quantize_base(model, bits)
+    if ckpt:
+        from fl_lm.quantized import enable_checkpointing
+
+        enable_checkpointing(model)
+    peft_model = attach_lora(model, LoraSpec(r=16, alpha=32.0, dropout=0.0, target_modules=TARGETS))
+    load_s = time.perf_counter() - t0
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    vocab = min(2000, peft_model.config.vocab_size)  # the demo tokenizer's ids, valid for both models
+    peft_model.train()
+    times = []
+    for i in range(steps + 1):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        t = time.perf_counter()
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step is the warm-up
+            times.append(time.perf_counter() - t)
+    q.put({"runtime_rss_mb": runtime_mb, "peak_rss_mb": _status_mb("VmHWM"), "load_s": round(load_s, 1),
+           "step_s": sum(times) / len(times), "tokens_per_s": batch * seq * len(times) / sum(times), "loss": float(loss)})
+
+
+def _spawn(*args: Any) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run, args=(*args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def _demo(out: Path) -> Path:
+    from fl_sim.models_cli import build_default
+
+    return Path(build_default(out, seed=0, pretrain_steps=0, teacher_pretrain_steps=0)["student"])
+
+
+def _qwen(out: Path, tok_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN05, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def bench(name: str, model_dir: Path, configs: list[tuple[int, bool]], batch: int, seq: int, steps: int, threads: int) -> dict[str, Any]:
+    from edge_client.planner import Setting, predict, shape_of
+    from shared.messages import LoraSpec
+
+    shape = shape_of(str(model_dir))
+    lora = LoraSpec(r=16, alpha=32.0, dropout=0.0, target_modules=TARGETS)
+    rows = []
+    for bits, ckpt in configs:
+        r = _spawn(str(model_dir), bits, ckpt, batch, seq, steps, threads)
+        pred = predict(shape, Setting(batch, seq, bits, ckpt), lora, cuda=False)
+        r.update({"bits": bits, "checkpointing": ckpt, "predicted_mb": pred["peak"] / (1 << 20),
+                  "predicted_parts_mb": {k: round(v / (1 << 20), 1) for k, v in pred.items()}})
+        r["measured_over_predicted"] = r["peak_rss_mb"] / r["predicted_mb"]
+        log.info("%s bits %d ckpt %s: %.0f tok/s, peak %.0f MB, predicted %.0f MB (x%.2f)", name, bits, ckpt,
+                 r["tokens_per_s"], r["peak_rss_mb"], r["predicted_mb"], r["measured_over_predicted"])
+        rows.append(r)
+    base = next(r for r in rows if r["bits"] == 16 and not r["checkpointing"])
+    for r in rows:
+        r["memory_vs_plain_lora"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        r["speed_vs_plain_lora"] = r["tokens_per_s"] / base["tokens_per_s"]
+    return {"model": name, "params": shape.params, "batch": batch, "seq": seq, "steps": steps, "lora": {"r": 16, "targets": TARGETS},
+            "rows": rows}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    out = ["| model | base | checkpointing | tokens/s | peak RSS MB | memory vs plain LoRA | speed vs plain LoRA | "
+           "planner MB | measured / planned |", "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            base = "fp32 (plain LoRA)" if r["bits"] == 16 else f"HQQ {r['bits']}-bit"
+            out.append(f"| {res['model']} | {base} | {'on' if r['checkpointing'] else 'off'} | {r['tokens_per_s']:.0f} | "
+                       f"{r['peak_rss_mb']:.0f} | {r['memory_vs_plain_lora']:.2f}x | {r['speed_vs_plain_lora']:.2f}x | "
+                       f"{r['predicted_mb']:.0f} | {r['measured_over_predicted']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("fl_lm", "fl_sim", "shared"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.monotonic()
+    modes = [(16, False), (16, True), (8, False), (4, False), (4, True)]
+    with tempfile.TemporaryDirectory(prefix="flm-edge-train-") as tmp:
+        work = Path(tmp)
+        demo = _demo(work / "demo")
+        results = [bench("demo student", demo, modes, batch=8, seq=128, steps=3 if a.quick else 10, threads=a.threads)]
+        if not a.quick:
+            results.append(bench("Qwen2.5-0.5B config", _qwen(work / "qwen05", demo), modes, batch=2, seq=128, steps=3,
+                                 threads=a.threads))
+    print(table(results))
+    doc = {"benchmark": "edge_train", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "quick": a.quick, "wall_s": round(time.monotonic() - t0, 1), "results": results}
+    out = ROOT / "benchmarks" / "results" / ("edge_train.quick.json" if a.quick else "edge_train.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out} ({time.monotonic() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
