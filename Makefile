@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow test-py310 clean
 
 install: $(STAMP)
 
@@ -27,6 +27,19 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# JetPack 6 ships Python 3.10: the protocol package's tests run there (they need no torch), the
+# edge client's modules import there, and ruff (target py310) checks every file's syntax.
+PY310 ?= $(shell for p in $$HOME/.pyenv/versions/3.10*/bin/python python3.10; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && { echo "$$p"; break; }; done)
+VENV310 := .venv310
+test-py310:
+	@test -n "$(PY310)" || { echo "test-py310 needs Python 3.10 (python3.10 on PATH or pyenv's 3.10)"; exit 1; }
+	test -x $(VENV310)/bin/python || $(PY310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install -q -e . "paho-mqtt>=2.0,<3" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "ruff>=0.9,<1"
+	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests/shared
+	$(VENV310)/bin/python -c "import edge_client.cli, edge_client.client, edge_client.planner, edge_client.environment, edge_client.releases, fl_mqtt.link"
+	$(VENV310)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs
