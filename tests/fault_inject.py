@@ -8,6 +8,9 @@ Faults:
 - ``slow-upload``: each update upload stops after its manifest and first chunk, writes
   ``WORK_DIR/uploading`` and waits ``FAULT_PAUSE_S`` seconds (default 60) before the rest, so a
   test can kill the process, or stop the broker, in the middle of an upload.
+- ``slow-train``: local training waits ``FAULT_PAUSE_S`` seconds (after writing
+  ``WORK_DIR/training``) before it starts, from round ``FAULT_ROUND`` on (default 1), so a test
+  can kill the process while it trains.
 - ``standby``: loads everything and waits for ``WORK_DIR/go`` before it connects: a restart
   whose start-up cost (imports, model load) was paid before the old process was killed.
 """
@@ -57,6 +60,25 @@ def _slow_upload(work_dir: Path) -> None:
     transfer.iter_chunks = iter_chunks
 
 
+def _slow_train(work_dir: Path) -> None:
+    import os
+
+    import fl_lm.train as train
+
+    pause, first = float(os.environ.get("FAULT_PAUSE_S", "60")), int(os.environ.get("FAULT_ROUND", "1"))
+    real = train.train_lora
+    calls = {"n": 0}
+
+    def train_lora(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] >= first:
+            (work_dir / "training").write_text(str(calls["n"]))
+            time.sleep(pause)
+        return real(*a, **k)
+
+    train.train_lora = train_lora
+
+
 def _standby(work_dir: Path) -> None:
     from edge_client.client import EdgeClient
 
@@ -65,6 +87,14 @@ def _standby(work_dir: Path) -> None:
     def connect(self: EdgeClient) -> None:
         while not (work_dir / "go").exists():
             time.sleep(0.02)
+        # A restart reads the durable state when it starts; this process started before the old
+        # one stopped writing it, so it reads it again now.
+        from edge_client import state as device_state
+        from shared.chunking import UploadJournal
+
+        self._state = device_state.load(self.work)
+        self.outbox = UploadJournal(self.work / "outbox")
+        self.residual = self._load_residual()
         real(self)
 
     EdgeClient.connect = connect  # type: ignore[method-assign]
@@ -79,6 +109,8 @@ def main() -> None:
         _nan()
     elif fault == "slow-upload":
         _slow_upload(Path(cfg["work_dir"]))
+    elif fault == "slow-train":
+        _slow_train(Path(cfg["work_dir"]))
     elif fault == "standby":
         _standby(Path(cfg["work_dir"]))
     else:

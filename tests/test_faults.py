@@ -30,10 +30,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROUND_TIMEOUT = 90.0
 
 
-def _settings(out: Path, models: dict[str, str], rounds: int) -> SimSettings:
+def _settings(out: Path, models: dict[str, str], rounds: int, keep_sent: bool = False) -> SimSettings:
     return SimSettings(devices=3, rounds=rounds, out=str(out), broker_mode="mosquitto", mode="fedit",
                        student=models["student"], local_steps=6, examples_per_family=30, eval_per_family=4,
-                       round_timeout_s=ROUND_TIMEOUT, seed=3)
+                       round_timeout_s=ROUND_TIMEOUT, seed=3, keep_sent=keep_sent)
 
 
 def _rounds(out: Path) -> list[dict]:
@@ -212,3 +212,79 @@ def test_a_device_killed_mid_upload_is_a_dropout_then_accepted_next_round(tiny_m
     agg_log = (run.fleet.logs / "aggregator.log").read_text()
     accepted = re.findall(r"round (\d): masked_update from device-1", agg_log)
     assert accepted and len(accepted) == len(set(accepted)) and "1" not in accepted, accepted
+
+
+def _check_round_is_the_mean_of_its_accepted_updates(run: Launched, rnd: int) -> None:
+    """The global change of round ``rnd`` equals the FedAvg mean of what the accepted devices sent
+    (their ``keep_sent`` copies), within secure aggregation's quantization bound."""
+    from aggregator.checkpoint import checkpoint_dir
+    from shared import messages as M
+    from shared import sparse, update_codec
+    from shared.datasets import load_file
+    from shared.secagg.quant import error_bound
+
+    rec = next(r for r in _rounds(run.out) if r["round"] == rnd)
+    prev = max(r["round"] for r in _rounds(run.out) if r["round"] < rnd and r["status"] == "ok") if rnd > 1 else 0
+    before, after = load_adapter(checkpoint_dir(run.out, prev)), load_adapter(checkpoint_dir(run.out, rnd))
+    layout = sparse.Layout.from_tensors(before)
+    agg = json.loads((run.out / "config" / "aggregator.json").read_text())
+    norm = agg["secagg_weight_norm"]
+    w = {d: update_codec.weight(len(load_file(json.loads((run.out / "config" / f"{d}.json").read_text())["data"])), norm)
+         for d in rec["received"]}
+    sent = {d: np.load(run.out / "edge" / d / "sent" / f"round_{rnd:04d}.npy") for d in rec["received"]}
+    expected = sum(w[d] * sent[d] for d in w) / sum(w.values())
+    got = sparse.flatten(after, layout).astype(np.float64) - sparse.flatten(before, layout)
+    ring, vbits = update_codec.ring_for(len(rec["participants"]), agg.get("value_bits", 0))
+    spec = M.SecAggSpec(node_ids=tuple(range(len(rec["participants"]))), threshold=2, graph_seed=bytes(32), clip=agg["clip"],
+                        ring_bits=ring, value_bits=vbits, weight_norm=norm, sketch_block=0)
+    bound = error_bound(update_codec.quant_config(spec), len(w)) / sum(w.values())
+    bound += 2 * np.finfo(np.float32).eps * float(np.abs(sparse.flatten(after, layout)).max() + np.abs(expected).max())
+    assert np.abs(got - expected).max() <= bound, (rnd, float(np.abs(got - expected).max()), bound)
+    assert np.count_nonzero(expected) > 0.5 * expected.size  # real training deltas, not zeros
+
+
+@pytest.mark.parametrize("when", ["training", "between-rounds"])
+def test_fl_edge_run_killed_and_restarted_is_accepted_again_without_duplicates(when: str, tiny_models: dict[str, str],
+                                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13, lifecycle: device-1 (``fl-edge run``) is killed by PID while it trains round 2, or
+    between rounds 1 and 2, and restarted with its config. It keeps its sequence counter, so its
+    next update is accepted (not a replay) in round 3 at the latest; none of its updates is
+    accepted twice; and each round's result is the mean of the updates that round accepted."""
+    run = launch(_settings(tmp_path / "run", tiny_models, rounds=3, keep_sent=True))
+    try:
+        # The restart's start-up (imports, model load) is paid now: rounds of this tiny model are
+        # shorter than a cold start, and the restarted device must be back for round 3.
+        standby = _device(run, "device-1", "standby", name="device-1-restarted")
+        if when == "training":
+            _kill9(run.fleet.procs["device-1"])
+            monkeypatch.setenv("FAULT_PAUSE_S", "60")
+            monkeypatch.setenv("FAULT_ROUND", "2")
+            victim = _device(run, "device-1", "slow-train")
+            marker = run.out / "edge" / "device-1" / "training"
+            deadline = time.monotonic() + 240
+            while not marker.exists():
+                assert time.monotonic() < deadline and victim.poll() is None, "device-1 never started training round 2"
+                time.sleep(0.02)
+        else:
+            victim = run.fleet.procs["device-1"]
+            _wait_for(run.fleet.logs / "device-1-restarted.log", r"student .* loaded")
+            _wait_for(run.fleet.logs / "device-1.log", r"round 1 unmask shares sent")
+        _wait_for(run.fleet.logs / "device-1-restarted.log", r"student .* loaded")
+        _kill9(victim)
+        (run.out / "edge" / "device-1" / "go").touch()
+        finish(run)
+        assert standby.wait(30) == 0
+    finally:
+        run.fleet.stop_all(grace=0)
+    rounds = _rounds(run.out)
+    assert [(r["round"], r["status"]) for r in rounds] == [(1, "ok"), (2, "ok"), (3, "ok")]
+    assert "device-1" in rounds[0]["received"]
+    if when == "training":
+        assert rounds[1]["received"] == ["device-0", "device-2"] and "device-1" in rounds[1]["drop_reasons"]
+    assert rounds[2]["received"] == ["device-0", "device-1", "device-2"], rounds[2]
+    agg_log = (run.fleet.logs / "aggregator.log").read_text()
+    accepted = re.findall(r"round (\d): masked_update from device-1", agg_log)
+    assert len(accepted) == len(set(accepted)), accepted  # never twice in a round
+    assert "replay" not in " ".join(r["drop_reasons"].get("device-1", "") for r in rounds).lower()
+    for r in rounds:
+        _check_round_is_the_mean_of_its_accepted_updates(run, r["round"])
