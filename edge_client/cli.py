@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="connect to the broker and take part in rounds")
     run.add_argument("--config", required=True, help="device config (.json or .toml)")
+    run.add_argument("--profile", default=None, help="device profile name or file (overrides the config's)")
+    run.add_argument("--data", default=None, help="the private examples (overrides the config's data)")
     gen = sub.add_parser("generate", help="answer a prompt from the current ONNX release (onnxruntime)")
     gen.add_argument("prompt")
     gen.add_argument("--config", required=True, help="device config: keys, fleet and where releases are installed")
@@ -104,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "plan":
             plan(args)
         else:
+            from dataclasses import replace
+
             from edge_client.client import EdgeClient
             from edge_client.config import load
 
-            EdgeClient(load(args.config)).run()
+            cfg = load(args.config)
+            cfg = replace(cfg, **{k: v for k, v in (("profile", args.profile), ("data", args.data)) if v is not None})
+            EdgeClient(cfg).run()
 
     return cli.run(body, log, debug=args.debug, extra=(LinkError,))
 

@@ -128,3 +128,20 @@ def test_fl_edge_plan_prints_the_plan(tiny_models: dict[str, str], capsys: pytes
     caplog.clear()
     assert cli.main(["plan", "--profile", "orin-nano-8gb-super", "--model", tiny_models["student"], "--rank", "64"]) == 2
     assert "allows at most 16" in caplog.text
+
+
+def test_fl_edge_run_takes_profile_and_data_on_the_command_line(tiny_models: dict[str, str], tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from edge_client import cli
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    cfg = tmp_path / "dev.json"
+    cfg.write_text(json.dumps({"device_id": "d0", "broker": "mqtt://127.0.0.1:1", "data": str(tmp_path / "d.jsonl"),
+                               "student": tiny_models["student"], "work_dir": str(tmp_path / "w"), "insecure": True}))
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["run", "--config", str(cfg), "--profile", "toaster"]) == 2
+    assert "device profile 'toaster' not found; known profiles" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["run", "--config", str(cfg), "--profile", "cpu-dev", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl" in caplog.text and len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
