@@ -75,6 +75,15 @@ def _flat(m: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([m[k].astype(np.float64).ravel() for k in sorted(m)])
 
 
+def _swap_and_finish(run: Launched, victim: subprocess.Popen, standby: subprocess.Popen, dev: str = "device-1") -> None:
+    """kill -9 ``victim``, let the loaded ``standby`` connect in its place, run to the end."""
+    _wait_for(run.fleet.logs / f"{dev}-restarted.log", r"student .* loaded")
+    _kill9(victim)
+    (run.out / "edge" / dev / "go").touch()
+    finish(run)
+    assert standby.wait(30) == 0
+
+
 def _close(out: Path, reference: dict) -> None:
     """The final model is the fault-free one, to within 0.1 % of how far training moved it.
 
@@ -198,11 +207,7 @@ def test_a_device_killed_mid_upload_is_a_dropout_then_accepted_next_round(tiny_m
         slow = _device(run, "device-1", "slow-upload")
         standby = _device(run, "device-1", "standby", name="device-1-restarted")
         _wait_uploading(run, "device-1", slow, "device-1-slow-upload")
-        _wait_for(run.fleet.logs / "device-1-restarted.log", r"student .* loaded")
-        _kill9(slow)
-        (run.out / "edge" / "device-1" / "go").touch()
-        finish(run)
-        assert standby.wait(30) == 0
+        _swap_and_finish(run, slow, standby)
     finally:
         run.fleet.stop_all(grace=0)
     rounds = _rounds(run.out)
@@ -269,11 +274,7 @@ def test_fl_edge_run_killed_and_restarted_is_accepted_again_without_duplicates(w
             victim = run.fleet.procs["device-1"]
             _wait_for(run.fleet.logs / "device-1-restarted.log", r"student .* loaded")
             _wait_for(run.fleet.logs / "device-1.log", r"round 1 unmask shares sent")
-        _wait_for(run.fleet.logs / "device-1-restarted.log", r"student .* loaded")
-        _kill9(victim)
-        (run.out / "edge" / "device-1" / "go").touch()
-        finish(run)
-        assert standby.wait(30) == 0
+        _swap_and_finish(run, victim, standby)
     finally:
         run.fleet.stop_all(grace=0)
     rounds = _rounds(run.out)
