@@ -68,3 +68,37 @@ def quantize_and_run(base_id: str, bits: int, ids: torch.Tensor) -> torch.Tensor
 def test_unsupported_bits_are_refused(tiny_models: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_base(load_model(tiny_models["student"]), 3)
+
+
+def test_a_device_with_a_4_bit_profile_trains_over_the_quantized_base(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """The edge client loads its base quantized when its profile says ``quant_bits = 4``, proves
+    the same base digest as the aggregator's fp copy, and its update has the fp adapter's names."""
+    import dataclasses
+    import json
+
+    import numpy as np
+    from hqq.core.quantize import HQQLinear
+
+    from aggregator.model import HostedModel
+    from edge_client.client import EdgeClient
+    from edge_client.config import EdgeConfig
+    from shared import tensors
+    from shared.profiles import PROFILE_DIR
+    from tests.specs import dense_spec
+
+    prof = (PROFILE_DIR / "cpu-dev.toml").read_text().replace("quant_bits = 16", "quant_bits = 4")
+    (tmp_path / "q4.toml").write_text(prof.replace('name = "cpu-dev"', 'name = "cpu-q4"'))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}) + "\n"
+                                              for e in TRAIN))
+    c = EdgeClient(EdgeConfig(device_id="d0", broker="mqtt://127.0.0.1:1", data=str(tmp_path / "d.jsonl"),
+                              student=tiny_models["student"], profile=str(tmp_path / "q4.toml"), work_dir=str(tmp_path / "w"),
+                              insecure=True))
+    c.load_model()
+    assert any(isinstance(m, HQQLinear) for m in c._model.modules())
+    agg = HostedModel("student", tiny_models["student"], SPEC, seed=0, max_seq_len=64, eval_batch_size=8)
+    assert c.digest == agg.digest  # file digest on both sides: the quantized device has the same base
+    spec = dataclasses.replace(dense_spec(1, ["d0"], 1, digest=agg.digest), lora=SPEC, local_steps=5,
+                               adapter=tensors.pack(agg.state))
+    delta, res = c.train_delta(spec)
+    assert sorted(delta) == sorted(agg.state) and all(np.isfinite(v).all() for v in delta.values())
+    assert res.steps == 5 and any(np.abs(v).max() > 0 for v in delta.values())
