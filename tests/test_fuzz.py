@@ -160,6 +160,13 @@ def aggregator(tmp_path_factory: pytest.TempPathFactory):
     # reproduce one is a replay: the status is already known and the update's seq already used.
     a.col.online = {"dev-a": 3}
     a.col.last_seq = {"dev-a": 1}
+    # ... and the seeds' round-2 update was accepted in this round: a replay of it is refused
+    # without effect. (Were seq 1 used in an earlier round, a replay would carry that round's
+    # number and be refused by it; an authenticated update of the open round whose counter is
+    # behind can only be the device's own after a reset, and that drops it: not a no-op.)
+    from aggregator.strategy import Reply
+
+    a.book.replies = {"dev-a": Reply("dev-a", 3, {})}
     logging.getLogger("aggregator.collect").setLevel(logging.CRITICAL)
     return a
 
