@@ -77,7 +77,7 @@ def base_digest(model: Any, source: str | None = None) -> str:
     Both sides compute it the same way, so a round is refused when a device's base is not the
     aggregator's; no path ever travels. With ``source`` a local directory of safetensors files it
     is computed from the files, one tensor at a time: a device that loads its base quantized
-    (fl_lm.quantized) never holds the float weights, and still proves which base it has.
+    (fl_lm.quantized) proves which base it has without a float copy to hash.
     """
     if source is not None and Path(source).is_dir() and sorted(Path(source).glob("*.safetensors")):
         return file_digest(Path(source))
