@@ -235,13 +235,19 @@ class Collector:
             self.online[device] = st.num_examples
             self._suspects.pop(device, None)
             b = self.book
-            if (st.detail == "started" and not retained and b is not None and device in b.participants
-                    and device not in b.dropped):
-                # A new process of a device that was in this round: its round secrets died with
-                # the old one, so it cannot finish the round; nobody waits for it. It is online
-                # for the next round.
-                b.drop(device, "restarted during the round")
-                log.warning("round %d: device %s restarted; it is a dropout this round", b.rnd, device)
+            resumes = M.resumed_round(st.detail)
+            if (not retained and b is not None and device in b.participants and device not in b.dropped
+                    and (st.detail == M.STARTED or resumes is not None)):
+                if resumes == b.rnd and b.spec is not None and b.spec.secagg is None:
+                    # A new process that continues this (plain) round from its training checkpoint:
+                    # its update is still to come, so it stays in the round.
+                    log.info("round %d: device %s restarted and resumes the round (%s)", b.rnd, device, st.detail)
+                else:
+                    # A new process of a device that was in this round: its round secrets died with
+                    # the old one (or it resumes another round), so it cannot finish this one; nobody
+                    # waits for it. It is online for the next round.
+                    b.drop(device, "restarted during the round")
+                    log.warning("round %d: device %s restarted; it is a dropout this round", b.rnd, device)
 
     OFFLINE_GRACE_S = 2.0
 

@@ -55,9 +55,14 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def _run(model_dir: str, bits: int, ckpt: bool, batch: int, seq: int, steps: int, threads: int, q: Any) -> None:
+def _run(model_dir: str, bits: int, ckpt: bool, tuned: bool, batch: int, seq: int, steps: int, threads: int, q: Any) -> None:
     """One configuration in a fresh process."""
     import torch
+
+    if tuned:  # as `fl-edge run` does before it loads the model
+        from fl_lm.memory import return_freed_memory
+
+        assert return_freed_memory(), "glibc's mallopt is not available here"
 
     torch.set_num_threads(threads)
     import peft  # noqa: F401  (the runtime the planner's constant stands for)
@@ -108,11 +113,19 @@ def _run(model_dir: str, bits: int, ckpt: bool, batch: int, seq: int, steps: int
 
 
 def _spawn(*args: Any) -> dict[str, Any]:
+    import queue
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_run, args=(*args, q))
     p.start()
-    res = q.get()
+    while True:  # a child that dies (killed for memory, an exception) must not hang the run
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"configuration {args[1:4]} died with exit code {p.exitcode} before reporting") from None
     p.join()
     return res
 
@@ -137,25 +150,27 @@ def _qwen(out: Path, tok_dir: Path) -> Path:
     return out
 
 
-def bench(name: str, model_dir: Path, configs: list[tuple[int, bool]], batch: int, seq: int, steps: int, threads: int) -> dict[str, Any]:
+def bench(name: str, model_dir: Path, configs: list[tuple[int, bool, bool]], batch: int, seq: int, steps: int, threads: int) -> dict[str, Any]:
     from edge_client.planner import Setting, predict, shape_of
     from shared.messages import LoraSpec
 
     shape = shape_of(str(model_dir))
     lora = LoraSpec(r=16, alpha=32.0, dropout=0.0, target_modules=TARGETS)
     rows = []
-    for bits, ckpt in configs:
-        r = _spawn(str(model_dir), bits, ckpt, batch, seq, steps, threads)
+    for bits, ckpt, tuned in configs:
+        r = _spawn(str(model_dir), bits, ckpt, tuned, batch, seq, steps, threads)
         pred = predict(shape, Setting(batch, seq, bits, ckpt), lora, cuda=False)
-        r.update({"bits": bits, "checkpointing": ckpt, "predicted_mb": pred["peak"] / (1 << 20),
+        r.update({"bits": bits, "checkpointing": ckpt, "allocator": "fixed mmap threshold" if tuned else "glibc default",
+                  "predicted_mb": pred["peak"] / (1 << 20),
                   "predicted_parts_mb": {k: round(v / (1 << 20), 1) for k, v in pred.items()}})
         r["measured_over_predicted"] = r["peak_rss_mb"] / r["predicted_mb"]
         r["train_measured_over_predicted"] = r["train_peak_rss_mb"] / r["predicted_mb"]
-        log.info("%s bits %d ckpt %s: %.0f tok/s, peak %.0f MB (load %.0f, training %.0f), predicted %.0f MB (x%.2f, "
-                 "training x%.2f)", name, bits, ckpt, r["tokens_per_s"], r["peak_rss_mb"], r["load_peak_rss_mb"],
+        log.info("%s bits %d ckpt %s tuned %s: %.0f tok/s, peak %.0f MB (load %.0f, training %.0f), predicted %.0f MB (x%.2f, "
+                 "training x%.2f)", name, bits, ckpt, tuned, r["tokens_per_s"], r["peak_rss_mb"], r["load_peak_rss_mb"],
                  r["train_peak_rss_mb"], r["predicted_mb"], r["measured_over_predicted"], r["train_measured_over_predicted"])
         rows.append(r)
-    base = next(r for r in rows if r["bits"] == 16 and not r["checkpointing"])
+    # The baseline: plain LoRA on the unquantized base in the same process setup as the others.
+    base = next(r for r in rows if r["bits"] == 16 and not r["checkpointing"] and r["allocator"] != "glibc default")
     for r in rows:
         r["memory_vs_plain_lora"] = r["peak_rss_mb"] / base["peak_rss_mb"]
         r["speed_vs_plain_lora"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -164,12 +179,13 @@ def bench(name: str, model_dir: Path, configs: list[tuple[int, bool]], batch: in
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    out = ["| model | base | checkpointing | tokens/s | peak RSS MB (load / training) | memory vs plain LoRA | "
-           "speed vs plain LoRA | planner MB | measured / planned (training only) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | base | checkpointing | allocator | tokens/s | peak RSS MB (load / training) | memory vs plain LoRA | "
+           "speed vs plain LoRA | planner MB | measured / planned (training only) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res["rows"]:
             base = "fp32 (plain LoRA)" if r["bits"] == 16 else f"HQQ {r['bits']}-bit"
-            out.append(f"| {res['model']} | {base} | {'on' if r['checkpointing'] else 'off'} | {r['tokens_per_s']:.0f} | "
+            out.append(f"| {res['model']} | {base} | {'on' if r['checkpointing'] else 'off'} | "
+                       f"{'default' if r['allocator'] == 'glibc default' else 'fixed'} | {r['tokens_per_s']:.0f} | "
                        f"{r['peak_rss_mb']:.0f} ({r['load_peak_rss_mb']:.0f} / {r['train_peak_rss_mb']:.0f}) | "
                        f"{r['memory_vs_plain_lora']:.2f}x | {r['speed_vs_plain_lora']:.2f}x | "
                        f"{r['predicted_mb']:.0f} | {r['measured_over_predicted']:.2f} ({r['train_measured_over_predicted']:.2f}) |")
@@ -185,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("fl_lm", "fl_sim", "shared"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.monotonic()
-    modes = [(16, False), (16, True), (8, False), (4, False), (4, True)]
+    # (bits, checkpointing, allocator as fl-edge sets it); one plain-LoRA row on glibc's default
+    # allocator says what that setting is worth by itself.
+    modes = [(16, False, False), (16, False, True), (16, True, True), (8, False, True), (4, False, True), (4, True, True),
+             (4, False, False)]
     with tempfile.TemporaryDirectory(prefix="flm-edge-train-") as tmp:
         work = Path(tmp)
         demo = _demo(work / "demo")

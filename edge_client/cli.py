@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
             from edge_client.client import EdgeClient
             from edge_client.config import load
+            from fl_lm.memory import return_freed_memory
 
+            # Before the model loads: the device's memory then follows what training holds
+            # (the planner's prediction), not the high-water mark of load-time temporaries.
+            return_freed_memory()
             cfg = load(args.config)
             cfg = replace(cfg, **{k: v for k, v in (("profile", args.profile), ("data", args.data)) if v is not None})
             EdgeClient(cfg).run()

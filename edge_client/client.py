@@ -7,7 +7,9 @@ then answer the aggregator's unmask request. The update itself is built by ``upd
 With security on (the default) every RoundSpec must verify under the pinned aggregator key and be
 for a round after the last one seen; every update is sealed to the aggregator and signed; every
 status is signed. Large payloads travel in chunks; uploads are journaled so a restarted device
-resumes an interrupted one instead of starting over.
+resumes an interrupted one instead of starting over. Local training of a plain round (secure
+aggregation off) is checkpointed (``train_checkpoint``), so a device restarted before its round's
+deadline continues that round where it stopped instead of dropping out of it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_client import state as device_state
-from edge_client import update_builder
+from edge_client import train_checkpoint, update_builder
 from edge_client.budget import BudgetExceeded, Declined, NonFiniteUpdate, check_model, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
@@ -38,7 +40,7 @@ from shared.profiles import load_profile
 log = logging.getLogger(__name__)
 
 # The detail of an "online" status: a new process, or the same one back after a broker outage.
-STARTED, RECONNECTED = "started", "reconnected"
+STARTED, RECONNECTED = M.STARTED, M.RECONNECTED
 
 
 class EdgeClient:
@@ -76,6 +78,8 @@ class EdgeClient:
         self.sa_built: tuple[Any, Any] | None = None  # this round's input, built, waiting for its mask peers
         self.residual = self._load_residual()
         self.last_train: Any = None  # the last round's fl_lm.train.TrainResult (stays on the device)
+        # A round this process continues from its training checkpoint once connected (spec, announcement, step).
+        self._resume: tuple[M.RoundSpec, bytes, int] | None = None
 
     # -- durable counters ------------------------------------------------------------------------
     @property
@@ -95,6 +99,8 @@ class EdgeClient:
     def _seen_round(self, rnd: int) -> None:
         self._state = replace(self._state, last_round=rnd)
         device_state.save(self.work, self._state)
+        if train_checkpoint.discard(self.work):
+            log.info("%s: round %d announced; the training checkpoint of an earlier round is discarded", self.cfg.device_id, rnd)
 
     # -- error feedback ------------------------------------------------------------------------
     def _load_residual(self) -> np.ndarray | None:
@@ -155,8 +161,12 @@ class EdgeClient:
             self._lora = spec
         return self._peft
 
-    def train_delta(self, spec: M.RoundSpec) -> tuple[dict[str, np.ndarray], Any]:
-        """Local LoRA training from the round's global adapter; returns (delta, training result)."""
+    def train_delta(self, spec: M.RoundSpec, announcement: bytes | None = None) -> tuple[dict[str, np.ndarray], Any]:
+        """Local LoRA training from the round's global adapter; returns (delta, training result).
+
+        With the round's ``announcement`` as it arrived (plain rounds), training is checkpointed,
+        and continues from a checkpoint of this very round and run if there is one.
+        """
         from fl_lm.lora import get_adapter, set_adapter, sub
         from fl_lm.train import train_lora
 
@@ -181,18 +191,49 @@ class EdgeClient:
         peft = self._peft_for(spec.lora)
         start = tensors.unpack(spec.adapter)
         set_adapter(peft, start)
+        seed = spec.seed + zlib.crc32(self.cfg.device_id.encode()) % 10_000
+        resume, writer = None, None
+        if announcement is not None and spec.secagg is None:
+            header = train_checkpoint.Header(
+                round=spec.round, spec_digest=train_checkpoint.spec_digest(spec), seq=self.seq, received_at=time.time(),
+                run_key=train_checkpoint.run_key(steps=steps, batch_size=s.batch, max_len=s.seq, lr=spec.learning_rate,
+                                                 seed=seed, examples=self.examples),
+                deadline_s=spec.deadline_s, announcement=announcement)
+            ck = self._checkpoint_of(header)
+            if ck is not None:
+                resume, header = ck.state, ck.header
+            writer = train_checkpoint.Writer(self.work, header, self.cfg.checkpoint_every_s)
         t0 = time.monotonic()
         res = train_lora(peft, self._tok, self.examples, steps=steps, lr=spec.learning_rate,
-                         batch_size=s.batch, max_len=s.seq,
-                         seed=spec.seed + zlib.crc32(self.cfg.device_id.encode()) % 10_000)
-        log.info("%s: round %d trained %d steps in %.1fs, loss %.3f -> %.3f",
-                 self.cfg.device_id, spec.round, res.steps, time.monotonic() - t0, res.first_loss, res.last_loss)
+                         batch_size=s.batch, max_len=s.seq, seed=seed, resume=resume, after_step=writer)
+        # From here the update is built from the trained adapter, and the outbox carries it: a
+        # restart must not train this round again (its update may be on its way).
+        train_checkpoint.discard(self.work)
+        log.info("%s: round %d trained %d steps in %.1fs%s, loss %.3f -> %.3f", self.cfg.device_id, spec.round, res.steps,
+                 time.monotonic() - t0, f" (resumed at step {res.resumed_from})" if res.resumed_from else "",
+                 res.first_loss, res.last_loss)
         delta = sub(get_adapter(peft), start)
         bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in delta.values())
         if bad:
             # Checked before clipping and masking: once masked, nobody could tell, and the sum is poisoned.
             raise NonFiniteUpdate(f"non-finite update: {bad} of {sum(np.size(v) for v in delta.values())} values are NaN or Inf")
         return delta, res
+
+    def _checkpoint_of(self, header: train_checkpoint.Header) -> train_checkpoint.Checkpoint | None:
+        """The stored checkpoint if it is of this round's announcement and of this run, else None."""
+        ck = train_checkpoint.load(self.work)
+        if ck is None:
+            return None
+        me, h = self.cfg.device_id, ck.header
+        if (h.round, h.spec_digest) != (header.round, header.spec_digest):
+            log.info("%s: ignoring the training checkpoint of round %d (announcement %s); round %d's is %s",
+                     me, h.round, h.spec_digest[:12], header.round, header.spec_digest[:12])
+            return None
+        if h.run_key != header.run_key:
+            log.warning("%s: not resuming round %d from its checkpoint: the data or training settings changed; "
+                        "starting from step 0", me, h.round)
+            return None
+        return ck
 
     def _flat(self, spec: M.RoundSpec, delta: dict[str, np.ndarray]) -> np.ndarray:
         flat = sparse.flatten(delta, sparse.Layout.from_tensors(delta))
@@ -209,9 +250,10 @@ class EdgeClient:
             d.mkdir(parents=True, exist_ok=True)
             np.save(d / f"round_{rnd:04d}.npy", sent, allow_pickle=False)
 
-    def train_round(self, spec: M.RoundSpec) -> M.Update | M.SparseUpdate:
-        """Secure aggregation off. Pure with respect to the network: RoundSpec in, update out."""
-        delta, res = self.train_delta(spec)
+    def train_round(self, spec: M.RoundSpec, announcement: bytes | None = None) -> M.Update | M.SparseUpdate:
+        """Secure aggregation off. Pure with respect to the network: RoundSpec in, update out
+        (``announcement``: see ``train_delta``)."""
+        delta, res = self.train_delta(spec, announcement)
         seq = self._next_seq()
         common = dict(round=spec.round, device_id=self.cfg.device_id, seq=seq, num_examples=len(self.examples),
                       steps=res.steps, train_loss=res.mean_loss, base_digest=self.digest)
@@ -252,6 +294,44 @@ class EdgeClient:
         if r <= self.last_round:
             raise ReplayError(f"announcement for round {r}; round {self.last_round} already seen")
 
+    def _resumable(self) -> tuple[M.RoundSpec, bytes, int] | None:
+        """The round a previous process of this device was training and this one can finish:
+        (spec, announcement, step reached), or None (and the checkpoint, if any, removed)."""
+        ck = train_checkpoint.load(self.work)
+        if ck is None:
+            return None
+        me, h = self.cfg.device_id, ck.header
+        spec: M.RoundSpec | None = None
+        why, level = "", logging.INFO
+        if h.round != self.last_round:
+            why = f"the last round accepted is {self.last_round}"
+        elif h.seq != self.seq:
+            why = "an update for it may have been built already (the sequence counter moved)"
+        elif time.time() > h.received_at + h.deadline_s:
+            why = f"its deadline ({h.deadline_s:.0f}s) has passed"
+        else:
+            def this_round(r: int) -> None:
+                if r != h.round:
+                    raise ReplayError(f"stored announcement is for round {r}, the checkpoint for round {h.round}")
+
+            try:
+                msg = self._unwrap(h.announcement, M.RoundSpec, me, this_round)
+                assert isinstance(msg, M.RoundSpec)
+                spec = msg
+            except ProtocolError as e:
+                why, level = f"its stored announcement does not verify ({type(e).__name__}: {e})", logging.WARNING
+            else:
+                if train_checkpoint.spec_digest(spec) != h.spec_digest:
+                    why, level = "its stored announcement is not the one it was trained for", logging.WARNING
+                elif spec.secagg is not None or me not in spec.participants:
+                    why = "it is not a plain round of this device"
+        if why or spec is None:
+            log.log(level, "%s: not resuming round %d from its training checkpoint: %s; it rejoins at the next round",
+                    me, h.round, why)
+            train_checkpoint.discard(self.work)
+            return None
+        return spec, h.announcement, ck.state.step
+
     def _not_past_round(self, r: int) -> None:
         if r < self.last_round:
             raise ReplayError(f"shutdown bound to round {r}, before the last round seen ({self.last_round})")
@@ -278,12 +358,32 @@ class EdgeClient:
                              allow_plaintext_password=c.allow_plaintext_password)
         self.link.connect(c.connect_timeout_s)
         self.link.birth = (topics.up(c.device_id, "status"), self._status("online", RECONNECTED))
+        self.on_connected()
+
+    def on_connected(self) -> None:
+        """A new process with its link up: subscribe, say what it is, finish half-done uploads."""
+        me = self.cfg.device_id
         self.link.subscribe(topics.bcast_filter())
-        self.link.subscribe(topics.down_filter(c.device_id))
+        self.link.subscribe(topics.down_filter(me))
         # "started": this process holds no round's secrets, so a round it was in before a
         # restart goes on without it at once (the aggregator drops it) instead of waiting for it.
-        self.publish_status("online", STARTED)
+        # "resuming": it has that round's training checkpoint and finishes it (``resume_round``).
+        self._resume = self._resumable()
+        if self._resume is not None:
+            spec, _, step = self._resume
+            log.info("%s: resuming round %d from its training checkpoint at step %d", me, spec.round, step)
+            self.publish_status("online", M.resuming(spec.round, step))
+        else:
+            self.publish_status("online", STARTED)
         self.resume_uploads()
+
+    def resume_round(self) -> None:
+        """Finish the round ``on_connected`` found a usable training checkpoint of, if any."""
+        if self._resume is None:
+            return
+        spec, announcement, step = self._resume
+        self._resume = None
+        self.plain_round(spec, announcement, f"round {spec.round}, resumed at step {step}")
 
     def resume_uploads(self) -> None:
         """Finish uploads a previous run of this device left half done (chunks not yet PUBACKed)."""
@@ -372,17 +472,22 @@ class EdgeClient:
                 self.sa_spec = self.sa_state = None
                 self.publish_status("declined", str(e))
             return True
-        self.publish_status("training", f"round {spec.round}")
+        self.plain_round(spec, payload)
+        return True
+
+    def plain_round(self, spec: M.RoundSpec, announcement: bytes, detail: str = "") -> None:
+        """Train a round without secure aggregation and send its update (or decline it)."""
+        me = self.cfg.device_id
+        self.publish_status("training", detail or f"round {spec.round}")
         try:
-            update = self.train_round(spec)
+            update = self.train_round(spec, announcement)
         except Declined as e:
             log.warning("%s: declining round %d: %s", me, spec.round, e)
             self.publish_status("declined", str(e))
-            return True
+            return
         n = self.send_update(update)
         log.info("%s: round %d update sent (%d bytes on the wire)", me, spec.round, n)
         self.publish_status("online")
-        return True
 
     # -- releases ------------------------------------------------------------------------------
     def release_store(self) -> Any:
@@ -583,6 +688,8 @@ class EdgeClient:
         self.connect()
         idle_since = time.monotonic()
         try:
+            self.resume_round()
+            idle_since = time.monotonic()
             while True:
                 inc = self.link.get(timeout=1.0)
                 self.downloads.expire()

@@ -41,6 +41,12 @@ class EdgeConfig:
     # Audit: keep a plaintext copy of each round's contribution under work_dir/sent/ (it never
     # leaves the device; an auditor compares it with what the aggregator could compute).
     keep_sent: bool = False
+    # A resumable checkpoint of local training (plain rounds) at most this often, in seconds of
+    # training; 0 = after every step. 30 s bounds what a crash loses to about 30 s of training and
+    # keeps the writes rare: on Qwen2.5-0.5B with rank-16 LoRA on every linear layer each one is
+    # about 140 MB (the fp32 adapter, its two AdamW moments, and the announcement with the global
+    # adapter), too much for flash every few steps.
+    checkpoint_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         try:
@@ -54,6 +60,7 @@ class EdgeConfig:
         require(4096 <= self.chunk_bytes <= 256 * 1024 * 1024, f"chunk_bytes must be in 4096..268435456, got {self.chunk_bytes}")
         require(self.connect_timeout_s > 0, f"connect_timeout_s must be > 0, got {self.connect_timeout_s}")
         require(self.idle_timeout_s >= 0, f"idle_timeout_s must be >= 0, got {self.idle_timeout_s}")
+        require(self.checkpoint_every_s >= 0, f"checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
 
 
 def load(path: str) -> EdgeConfig:

@@ -52,17 +52,20 @@ def collate(tok: Any, pairs: Sequence[tuple[list[int], list[int]]]) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(tok: Any, examples: list[Example], batch_size: int, max_len: int, seed: int, steps: int) -> Iterator[dict[str, Any]]:
-    """``steps`` batches, cycling through reshuffled epochs of ``examples``."""
+def batches(tok: Any, examples: list[Example], batch_size: int, max_len: int, seed: int, steps: int,
+            skip: int = 0) -> Iterator[dict[str, Any]]:
+    """``steps`` batches, cycling through reshuffled epochs of ``examples``; the first ``skip`` of
+    them are drawn but not yielded, so a resumed run sees exactly the batches it had left."""
     if not examples:
         raise ValueError("no examples to train on")
     encoded = [encode_example(tok, e, max_len) for e in examples]
     rng = random.Random(seed)
     order: list[int] = []
-    for _ in range(steps):
+    for step in range(steps):
         if len(order) < batch_size:
             more = list(range(len(encoded)))
             rng.shuffle(more)
             order += more * max(1, -(-batch_size // len(more)))
         picked, order = order[:batch_size], order[batch_size:]
-        yield collate(tok, [encoded[i] for i in picked])
+        if step >= skip:
+            yield collate(tok, [encoded[i] for i in picked])

@@ -50,14 +50,114 @@ def quantize_base(model: Any, bits: int, group_size: int = GROUP_SIZE) -> int:
 
 
 def load_quantized(id_or_path: str, bits: int, group_size: int = GROUP_SIZE) -> Any:
-    """The base, quantized as it loads (transformers' HqqConfig), as the device loads it. On CPU the
-    load still peaks at 2.3-3.2 GB for the 0.5B shape, above its 1.9 GB of fp32 weights
-    (benchmarks/edge_train.py); the GPU case is not measured here."""
+    """The base, quantized as it loads, as the device loads it: layer by layer from the safetensors
+    files, so the peak is the quantized model plus one float layer (benchmarks/edge_train.py).
+
+    Why not transformers' ``HqqConfig`` (the fallback below): it maps the whole file and keeps the
+    mapping alive through the float embedding that aliases it, so every page read while
+    quantizing stays resident. On the 0.5B shape its load peaked at 2.2-3.2 GB, above the 1.9 GB of
+    fp32 weights that 4 bits were meant to save."""
+    if bits not in BITS:
+        raise ValueError(f"quantized base: bits must be one of {BITS}, got {bits}")
+    try:
+        return _stream_quantized(id_or_path, bits, group_size)
+    except _NotStreamable as e:
+        log.warning("%s: %s; loading through transformers' HqqConfig instead (higher load peak)", id_or_path, e)
+        return _hqq_config_load(id_or_path, bits, group_size)
+
+
+class _NotStreamable(Exception):
+    pass
+
+
+def _weight_files(root: Any) -> dict[str, Any]:
+    """Tensor name -> the safetensors file holding it (one file, or a sharded index)."""
+    import json
+
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return {k: root / v for k, v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    single = root / "model.safetensors"
+    if not single.exists():
+        raise _NotStreamable("no safetensors weights in a local directory")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+
+
+def _stream_quantized(id_or_path: str, bits: int, group_size: int) -> Any:
+    from pathlib import Path
+
+    import torch
+    from accelerate import init_empty_weights
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(id_or_path)
+    if not root.is_dir():
+        raise _NotStreamable("not a local directory")
+    where = _weight_files(root)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    config = AutoConfig.from_pretrained(str(root))
+    with init_empty_weights(include_buffers=False):  # parameters on "meta", buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    want = {name for name, _ in model.named_parameters(remove_duplicate=True)}
+    missing = sorted(want - set(where))
+    if missing:
+        raise _NotStreamable(f"{len(missing)} parameters not under their model names in the files (first: {missing[0]})")
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+
+    def read(names: list[str]) -> dict[str, Any]:
+        # One mapping per module, closed before the next: the pages it touched leave the
+        # process with it, instead of the whole file piling up as resident.
+        out: dict[str, Any] = {}
+        for file in {where[n] for n in names}:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for n in names:
+                    if where[n] == file:
+                        out[n] = f.get_tensor(n).to(dtype).clone()  # owns its memory, not the mapping's
+        return out
+
+    n_quant = 0
+    for mod_name, mod in list(model.named_modules()):
+        prefix = f"{mod_name}." if mod_name else ""
+        # A tied LM head is not in the files: tie_weights() below points it at the embedding.
+        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.device.type == "meta" and prefix + n in where]
+        if not own:
+            continue
+        tensors = read([prefix + n for n, _ in own])
+        if isinstance(mod, torch.nn.Linear) and mod_name.rsplit(".", 1)[-1] not in SKIP:
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            lin.weight = torch.nn.Parameter(tensors[prefix + "weight"], requires_grad=False)
+            if mod.bias is not None:
+                lin.bias = torch.nn.Parameter(tensors[prefix + "bias"], requires_grad=False)
+            q = HQQLinear(lin, cfg, compute_dtype=dtype, device=device, del_orig=True)
+            parent = model.get_submodule(mod_name.rsplit(".", 1)[0]) if "." in mod_name else model
+            setattr(parent, mod_name.rsplit(".", 1)[-1], q)
+            n_quant += 1
+        else:
+            for n, _ in own:
+                setattr(mod, n, torch.nn.Parameter(tensors[prefix + n].to(device), requires_grad=False))
+        del tensors
+    model.tie_weights()  # the LM head shares the embedding just loaded
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise _NotStreamable(f"{len(left)} parameters not loaded (first: {left[0]})")
+    model.eval()
+    model.config.fl_quantized_base = {"method": "hqq", "bits": bits, "group_size": group_size}
+    log.info("loaded %s with %d linear layers quantized to %d bits as they were read (HQQ, group %d)",
+             id_or_path, n_quant, bits, group_size)
+    return model
+
+
+def _hqq_config_load(id_or_path: str, bits: int, group_size: int) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, HqqConfig
 
-    if bits not in BITS:
-        raise ValueError(f"quantized base: bits must be one of {BITS}, got {bits}")
     cuda = torch.cuda.is_available()
     q = HqqConfig(nbits=bits, group_size=group_size, skip_modules=list(SKIP))
     model = AutoModelForCausalLM.from_pretrained(id_or_path, quantization_config=q, device_map="cuda" if cuda else "cpu",

@@ -9,6 +9,7 @@ Tensors are raw little-endian buffers (``shared.tensors.TensorBlob``); nothing i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -57,6 +58,23 @@ class DeviceStatus(Message):
     profile: str
     num_examples: int
     detail: str
+
+
+# The details of an "online" status that the aggregator acts on (aggregator/collect.py): a new
+# process that holds nothing of a round it was in (a dropout of that round), the same process back
+# after a broker outage, or a new process that continues a round from its training checkpoint.
+STARTED, RECONNECTED = "started", "reconnected"
+_RESUMING = re.compile(r"resuming round (\d+) at step (\d+)")
+
+
+def resuming(rnd: int, step: int) -> str:
+    return f"resuming round {rnd} at step {step}"
+
+
+def resumed_round(detail: str) -> int | None:
+    """The round a status detail says the device resumes, or None when it says nothing of the kind."""
+    m = _RESUMING.fullmatch(detail)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ Faults:
 - ``slow-train``: local training waits ``FAULT_PAUSE_S`` seconds (after writing
   ``WORK_DIR/training``) before it starts, from round ``FAULT_ROUND`` on (default 1), so a test
   can kill the process while it trains.
+- ``slow-checkpoint``: right after the first training checkpoint of round ``FAULT_ROUND`` or
+  later (default 1) is written, writes ``WORK_DIR/checkpointed`` (round and step) and waits
+  ``FAULT_PAUSE_S`` seconds, so a test can kill the process mid-round with a checkpoint on disk.
 - ``standby``: loads everything and waits for ``WORK_DIR/go`` before it connects: a restart
   whose start-up cost (imports, model load) was paid before the old process was killed.
 """
@@ -79,6 +82,24 @@ def _slow_train(work_dir: Path) -> None:
     train.train_lora = train_lora
 
 
+def _slow_checkpoint(work_dir: Path) -> None:
+    import os
+
+    import edge_client.train_checkpoint as tc
+
+    pause, first = float(os.environ.get("FAULT_PAUSE_S", "60")), int(os.environ.get("FAULT_ROUND", "1"))
+    real = tc.save
+
+    def save(work: Path, ck: Any) -> None:
+        real(work, ck)
+        if ck.header.round >= first and not (work_dir / "checkpointed").exists():
+            (work_dir / "checkpointed.tmp").write_text(f"{ck.header.round} {ck.state.step}")
+            os.replace(work_dir / "checkpointed.tmp", work_dir / "checkpointed")  # the test reads it whole
+            time.sleep(pause)
+
+    tc.save = save
+
+
 def _standby(work_dir: Path) -> None:
     from edge_client.client import EdgeClient
 
@@ -111,6 +132,8 @@ def main() -> None:
         _slow_upload(Path(cfg["work_dir"]))
     elif fault == "slow-train":
         _slow_train(Path(cfg["work_dir"]))
+    elif fault == "slow-checkpoint":
+        _slow_checkpoint(Path(cfg["work_dir"]))
     elif fault == "standby":
         _standby(Path(cfg["work_dir"]))
     else:

@@ -70,3 +70,38 @@ def test_back_online_before_the_grace_cancels_the_drop_but_a_restart_does_not(tm
     col._settle_suspects()
     assert col.book.reasons == {"d1": "restarted during the round"}  # type: ignore[union-attr]
     assert sorted(col.online) == ["d0", "d1"]  # both take part in the next round
+
+
+def test_a_restart_that_resumes_the_current_plain_round_stays_in_it(tmp_path: Path) -> None:
+    """Issue 13: a device restarted with a training checkpoint of this round says so, and the round
+    waits for its update; a restart without one, or resuming another round, is still a dropout."""
+    from tests.specs import dense_spec
+
+    col = Collector(enrolled={"d0", "d1", "d2", "d3"}, keys=None, pubkeys={}, chunk_bytes=1 << 16, out_dir=tmp_path)
+    col.link = Link()
+    col.book = b = RoundBook(rnd=3, participants=["d0", "d1", "d2", "d3"], deadline=time.monotonic() + 60)
+    b.spec = dense_spec(3, b.participants, 4)
+    for d in b.participants:
+        col.on_status(d, _status(d, "offline", "connection lost"))  # each old process's will
+    col.on_status("d0", _status("d0", "online", M.resuming(3, 7)))
+    col.on_status("d1", _status("d1", "online", M.STARTED))
+    col.on_status("d2", _status("d2", "online", M.resuming(2, 7)))  # a round that is over
+    col.on_status("d3", _status("d3", "online", "resuming round 3 at step 7, or so"))  # not the form: an ordinary online
+    _age(col, 60)
+    col._settle_suspects()
+    assert b.reasons == {"d1": "restarted during the round", "d2": "restarted during the round"}
+    assert b.waiting_for() == {"d0", "d3"}
+
+
+def test_a_secure_round_drops_a_device_that_claims_to_resume_it(tmp_path: Path) -> None:
+    """Its mask secrets died with the old process: no checkpoint can bring them back."""
+    import dataclasses
+
+    from tests.specs import dense_spec
+
+    col = _col(tmp_path)
+    sa = M.SecAggSpec(node_ids=(1, 2), threshold=2, graph_seed=bytes(32), clip=0.05, ring_bits=32, value_bits=16,
+                      weight_norm=20, sketch_block=0)
+    col.book.spec = dataclasses.replace(dense_spec(3, ["d0", "d1"], 4), secagg=sa)  # type: ignore[union-attr]
+    col.on_status("d0", _status("d0", "online", M.resuming(3, 7)))
+    assert col.book.reasons == {"d0": "restarted during the round"}  # type: ignore[union-attr]

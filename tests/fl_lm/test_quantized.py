@@ -102,3 +102,33 @@ def test_a_device_with_a_4_bit_profile_trains_over_the_quantized_base(tiny_model
     delta, res = c.train_delta(spec)
     assert sorted(delta) == sorted(agg.state) and all(np.isfinite(v).all() for v in delta.values())
     assert res.steps == 5 and any(np.abs(v).max() > 0 for v in delta.values())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_streaming_load_gives_the_model_quantized_after_a_full_load(bits: int, tiny_models: dict[str, str]) -> None:
+    """load_quantized reads and quantizes layer by layer (no fp copy of the whole base), and must
+    give exactly what quantizing a fully loaded fp model gives, tied LM head included."""
+    from hqq.core.quantize import HQQLinear
+
+    from fl_lm.quantized import load_quantized
+
+    base_id = tiny_models["student"]
+    tok = load_tokenizer(base_id)
+    ids = tok(["Add one. 7", "Add one. 12"], return_tensors="pt", padding=True)["input_ids"]
+    streamed = load_quantized(base_id, bits)
+    assert not any(p.device.type == "meta" for p in streamed.parameters())
+    assert sum(isinstance(m, HQQLinear) for m in streamed.modules()) > 0
+    if streamed.config.tie_word_embeddings:
+        assert streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight
+    with torch.no_grad():
+        got = streamed(input_ids=ids).logits
+        want = quantize_and_run(base_id, bits, ids)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_return_freed_memory_fixes_the_threshold_on_glibc() -> None:
+    import platform
+
+    from fl_lm.memory import return_freed_memory
+
+    assert return_freed_memory() is (platform.libc_ver()[0] == "glibc")
