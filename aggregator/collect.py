@@ -110,6 +110,7 @@ class Collector:
         self.accept_plain = accept_plain  # how a plain round's update becomes a Reply
         self._ignored: set[str] = set()
         self._suspects: dict[str, tuple[float, str, int]] = {}  # device -> (when its "offline" came, detail, round)
+        self._online_at: dict[str, float] = {}  # device -> when its last "online" status came (monotonic)
 
     @property
     def insecure(self) -> bool:
@@ -206,6 +207,18 @@ class Collector:
         if st.device_id != device:
             raise ReplayError(f"status for {st.device_id} arrived on {device}'s topic")
         if st.state == "offline":
+            back_at = float(getattr(self.link, "last_reconnect", 0.0))
+            if not retained and back_at and time.monotonic() - back_at < self.RECONNECT_SETTLE_S:
+                # Just after our own reconnect the broker delivers what it queued for our session
+                # while we were away: after its restart, that is every device's will, sent as it
+                # shut down, and it can come after the device's own "online" (its birth message).
+                # Like a retained one it is the broker's memory, not news: a device that said
+                # "online" since we are back stays online; one that did not is not a dropout yet
+                # (it misses the stage and is dropped at the deadline if it really is gone).
+                if self._online_at.get(device, 0.0) >= back_at:
+                    log.info("device %s: offline status queued during the broker outage, after it was back online; ignored", device)
+                    return
+                retained = True
             self.online.pop(device, None)
             if retained and self.book is not None:
                 # A retained "offline" is the broker's memory, replayed because we (re)subscribed:
@@ -233,6 +246,7 @@ class Collector:
             if device not in self.online:
                 log.info("device %s online (%s)", device, st.profile)
             self.online[device] = st.num_examples
+            self._online_at[device] = time.monotonic()
             self._suspects.pop(device, None)
             b = self.book
             resumes = M.resumed_round(st.detail)
@@ -250,6 +264,9 @@ class Collector:
                     log.warning("round %d: device %s restarted; it is a dropout this round", b.rnd, device)
 
     OFFLINE_GRACE_S = 2.0
+    # How long after our link comes back a live "offline" is taken for the broker's queued memory
+    # of the outage (its delivery of our session's queue can take seconds on a loaded machine).
+    RECONNECT_SETTLE_S = 15.0
 
     def _settle_suspects(self) -> None:
         """Offline statuses become dropouts once the grace has passed with our link up throughout."""

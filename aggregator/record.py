@@ -58,6 +58,8 @@ class RoundRecord:
     samples: list[dict[str, str]] = field(default_factory=list)
     # The ONNX release made after this round, if one was due: id, bytes, files, parity; or why not.
     release: dict[str, Any] | None = None
+    # Set when the record is not the round's own (written by a restarted aggregator): what is missing.
+    note: str | None = None
 
     # The student's private-family scores, under the names every reader has used.
     @property
@@ -89,6 +91,8 @@ class RoundRecord:
         d["time_s"] = self.time_s
         d["samples"] = self.samples
         d["release"] = self.release
+        if self.note is not None:
+            d["note"] = self.note
         return d
 
     @staticmethod
@@ -106,12 +110,19 @@ class RoundRecord:
             abandon_reason=d.get("abandon_reason"),
             teacher=ModelEvals.from_json(d["teacher"]) if d.get("teacher") else None,
             distil=d.get("distil"), time_s=float(d.get("time_s", 0.0)),
-            samples=[dict(x) for x in d.get("samples", [])], release=d.get("release"))
+            samples=[dict(x) for x in d.get("samples", [])], release=d.get("release"), note=d.get("note"))
 
 
 def append(path: Path, rec: RoundRecord) -> None:
     with path.open("a") as f:
         f.write(json.dumps(rec.to_json()) + "\n")
+
+
+def last_round(path: Path) -> int:
+    """The highest round number recorded in ``path`` (0 when none is)."""
+    if not path.exists():
+        return 0
+    return max((int(json.loads(line)["round"]) for line in path.read_text().splitlines() if line.strip()), default=0)
 
 
 def read(path: Path) -> list[RoundRecord]:

@@ -39,6 +39,8 @@ from shared.errors import ConfigError, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
 
+ROUND_SUMMARY = "round.json"  # beside a committed round's adapters: who took part (record_committed_round)
+
 def load_eval(path: str, max_per_family: int) -> list[Example]:
     """A file, or a directory whose files are one family each (named after the file)."""
     p = Path(path)
@@ -202,11 +204,15 @@ class Aggregator:
         log.info("student %s (digest %s), mode %s, server optimizer %s, %d eval examples", c.student, s.digest[:12],
                  c.mode, self.strategy.name, len(self.eval_examples))
 
-    def _checkpoint(self, rnd: int) -> None:
+    def _checkpoint(self, rnd: int, summary: dict[str, Any] | None = None) -> None:
+        """Commit round ``rnd``'s model; ``summary`` (who took part) goes beside it so that a
+        restart can still write the round's record if this process stops before it does."""
         assert self.student is not None and self.mode is not None
         assert self.store is not None
         extra = self.mode.checkpoint_models()
         d, td = checkpoint.save_adapters(self.out, rnd, self.student.peft, teacher=extra.get("teacher"))
+        if summary is not None:
+            (Path(d) / ROUND_SUMMARY).write_text(json.dumps(summary, indent=1))
         st = RoundState(round=rnd, version=self.version, checkpoint=d, teacher_checkpoint=td)
         sp = {k: v for k, v in (("scores", self.scores), ("sketch", self.sketch)) if v is not None}
         self.store.commit_round(st, {"optimizer": self.strategy.state_arrays(), "sparse": sp}, self.col.last_seq)
@@ -332,7 +338,11 @@ class Aggregator:
                 distil["scoring_down_bytes_per_device"] = sum(len(t.data) for t in sc.tensors)
             self.global_state = self.student.state
             self.version += 1
-            self._checkpoint(rnd)
+            got = sorted(b.received if b.received is not None else b.replies)
+            self._checkpoint(rnd, summary={"participants": participants, "received": got,
+                                           "drop_reasons": {d: b.reasons.get(d, "not in the sum")
+                                                            for d in sorted(set(participants) - set(got))},
+                                           "secagg": b.spec is not None and b.spec.secagg is not None})
         self.round = rnd
         # evaluate, record
         student, teacher = self.evaluate()
@@ -425,11 +435,34 @@ class Aggregator:
         self.link.connect()
         self.link.subscribe(topics.up_filter())
 
+    def record_committed_round(self, metrics: Path) -> None:
+        """A restart after the last committed round's model was saved but before its record was
+        written (the aggregator stopped while evaluating or releasing): write that record now, from
+        the saved summary and a fresh evaluation of the committed model, and say so in it."""
+        assert self.mode is not None
+        if self.round == 0 or record.last_round(metrics) >= self.round:
+            return
+        st = self.store.state() if self.store is not None else None
+        summary_file = Path(st.checkpoint) / ROUND_SUMMARY if st is not None else None
+        summary = json.loads(summary_file.read_text()) if summary_file is not None and summary_file.exists() else {}
+        log.warning("round %d was committed (its model is the resumed one) but its record was not written: the "
+                    "aggregator stopped after the commit; recording it now, evaluated again, without a release", self.round)
+        student, teacher = self.evaluate()
+        participants, received = list(summary.get("participants", [])), list(summary.get("received", []))
+        record.append(metrics, RoundRecord(
+            round=self.round, status="ok", mode=self.mode.name, student=student, teacher=teacher, participants=participants,
+            received=received, dropped=sorted(set(participants) - set(received)),
+            drop_reasons=dict(summary.get("drop_reasons", {})), secagg=bool(summary.get("secagg", False)),
+            samples=self.samples(),
+            note="recorded after a restart: the aggregator stopped after committing this round and before writing its "
+                 "record; byte counts, training losses and distillation figures were lost with it"))
+
     def run(self) -> None:
         self.load_model()
         self.connect()
         metrics = self.out / "metrics.jsonl"
         try:
+            self.record_committed_round(metrics)
             if self.round == 0 and self.announced == 0:
                 assert self.mode is not None
                 student, teacher = self.evaluate()

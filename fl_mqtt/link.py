@@ -173,6 +173,7 @@ class MqttLink:
         self._subs: list[tuple[str, int]] = []
         self._ever_connected = False
         self.last_disconnect = 0.0  # monotonic time the link last went down (0: never)
+        self.last_reconnect = 0.0  # monotonic time the link last came back after an outage (0: never)
         # Published (retained, QoS 1) on every reconnect: after an outage the broker may hold our
         # last will ("offline") as the retained status though we are back.
         self.birth: tuple[str, bytes] | None = None
@@ -186,6 +187,7 @@ class MqttLink:
             for filt, qos in self._subs:  # re-subscribe after a reconnect
                 client.subscribe(filt, qos=qos)
             if self._ever_connected:
+                self.last_reconnect = time.monotonic()
                 log.info("%s: reconnected to the broker", self.client_id)
                 if self.birth is not None:
                     client.publish(self.birth[0], self.birth[1], qos=1, retain=True)  # queued; never wait on paho's thread

@@ -14,6 +14,10 @@ Faults:
 - ``slow-checkpoint``: right after the first training checkpoint of round ``FAULT_ROUND`` or
   later (default 1) is written, writes ``WORK_DIR/checkpointed`` (round and step) and waits
   ``FAULT_PAUSE_S`` seconds, so a test can kill the process mid-round with a checkpoint on disk.
+- ``slow-unmask``: from round ``FAULT_ROUND`` on (default 1), writes ``WORK_DIR/unmasking`` and
+  waits ``FAULT_PAUSE_S`` seconds before it answers the aggregator's unmask request, so a round is
+  held in its unmasking step (the aggregator waits for every survivor's shares) while a test
+  kills the aggregator.
 - ``standby``: loads everything and waits for ``WORK_DIR/go`` before it connects: a restart
   whose start-up cost (imports, model load) was paid before the old process was killed.
 """
@@ -100,6 +104,25 @@ def _slow_checkpoint(work_dir: Path) -> None:
     tc.save = save
 
 
+def _slow_unmask(work_dir: Path) -> None:
+    import os
+
+    from shared.secagg import hardened
+
+    pause, first = float(os.environ.get("FAULT_PAUSE_S", "60")), int(os.environ.get("FAULT_ROUND", "1"))
+    real = hardened.client_unmask
+    calls = {"n": 0}  # one unmask request per secure round: the n-th call is round n's
+
+    def client_unmask(state: Any, req: Any, ident: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] >= first:
+            (work_dir / "unmasking").write_text(str(calls["n"]))
+            time.sleep(pause)
+        return real(state, req, ident)
+
+    hardened.client_unmask = client_unmask
+
+
 def _standby(work_dir: Path) -> None:
     from edge_client.client import EdgeClient
 
@@ -134,6 +157,8 @@ def main() -> None:
         _slow_train(Path(cfg["work_dir"]))
     elif fault == "slow-checkpoint":
         _slow_checkpoint(Path(cfg["work_dir"]))
+    elif fault == "slow-unmask":
+        _slow_unmask(Path(cfg["work_dir"]))
     elif fault == "standby":
         _standby(Path(cfg["work_dir"]))
     else:

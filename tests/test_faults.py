@@ -113,16 +113,27 @@ def reference(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFact
 
 @pytest.mark.parametrize("when", ["collection", "unmasking"])
 def test_aggregator_killed_mid_round_and_restarted(when: str, tiny_models: dict[str, str], tmp_path: Path,
-                                                   reference: dict) -> None:
+                                                   reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 during round 2's collection (after the first masked update arrived) or its unmasking
     (after a device sent its unmask shares), then ``fl-agg run`` with the same config: round 2 is
     aborted, round 3 completes with every device, and the model is the 2-round fault-free one."""
     run = launch(_settings(tmp_path / "run", tiny_models, rounds=3))
     try:
+        # device-2 holds round 2 in its unmasking step (the aggregator waits for every survivor's
+        # shares), so the kill lands before round 2 can complete however fast this machine is.
+        _kill9(run.fleet.procs["device-2"])
+        monkeypatch.setenv("FAULT_ROUND", "2")
+        monkeypatch.setenv("FAULT_PAUSE_S", "8")
+        slow = _device(run, "device-2", "slow-unmask", name="device-2")
         if when == "collection":
             _wait_for(run.fleet.logs / "aggregator.log", r"round 2: masked_update from device-\d \(1/3\)")
         else:
             _wait_for(run.fleet.logs / "device-0.log", r"round 2 unmask shares sent")
+            marker = run.out / "edge" / "device-2" / "unmasking"
+            deadline = time.monotonic() + 120
+            while not marker.exists():
+                assert time.monotonic() < deadline and slow.poll() is None, "device-2 never reached round 2's unmasking"
+                time.sleep(0.02)
         _kill9(run.aggregator)
         assert [r["round"] for r in _rounds(run.out)] == [1]
         _restart_aggregator(run)

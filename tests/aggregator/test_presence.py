@@ -16,6 +16,7 @@ from shared import messages as M
 
 class Link:
     last_disconnect = 0.0
+    last_reconnect = 0.0
 
 
 def _col(tmp_path: Path) -> Collector:
@@ -58,6 +59,33 @@ def test_a_retained_will_replayed_on_reconnect_is_not_a_dropout(tmp_path: Path) 
     _age(col, 60)
     col._settle_suspects()
     assert not col.book.dropped and "d1" not in col.online  # type: ignore[union-attr]
+
+
+def test_a_will_queued_during_the_outage_after_the_device_is_back_is_ignored(tmp_path: Path) -> None:
+    """Seen on one core: after a broker restart the wills it sent as it shut down come out of our
+    session's queue as live messages, after d0's "online" (its birth) and before d1's. d0 stays
+    online and in the round; d1 is not a dropout yet and is online again when its birth comes."""
+    col = _col(tmp_path)
+    col.link.last_disconnect = time.monotonic() - 8
+    col.link.last_reconnect = time.monotonic()
+    col.on_status("d0", _status("d0", "online", "reconnected"))
+    col.on_status("d0", _status("d0", "offline", "connection lost"))
+    col.on_status("d1", _status("d1", "offline", "connection lost"))
+    _age(col, 60)
+    col._settle_suspects()
+    assert not col.book.dropped and sorted(col.online) == ["d0"]  # type: ignore[union-attr]
+    col.on_status("d1", _status("d1", "online", "reconnected"))
+    assert sorted(col.online) == ["d0", "d1"]
+
+
+def test_a_will_long_after_our_reconnect_is_news(tmp_path: Path) -> None:
+    col = _col(tmp_path)
+    col.link.last_reconnect = time.monotonic() - col.RECONNECT_SETTLE_S - 1
+    col.on_status("d0", _status("d0", "online", "reconnected"))
+    col.on_status("d0", _status("d0", "offline", "connection lost"))
+    _age(col, col.OFFLINE_GRACE_S)
+    col._settle_suspects()
+    assert col.book.reasons == {"d0": "offline: connection lost"} and "d0" not in col.online  # type: ignore[union-attr]
 
 
 def test_back_online_before_the_grace_cancels_the_drop_but_a_restart_does_not(tmp_path: Path) -> None:
