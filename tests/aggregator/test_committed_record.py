@@ -26,16 +26,24 @@ def _cfg(tiny_models: dict[str, str], tmp_path: Path):  # type: ignore[no-untype
                             quorum=2, min_devices_to_start=3, secagg=False, eval_max_per_family=2, mode="fedit")
 
 
+def _commit_round_1(cfg, summary: dict):  # type: ignore[no-untyped-def]
+    """An aggregator that committed round 1's model with ``summary`` beside it."""
+    from aggregator.server import Aggregator
+
+    agg = Aggregator(cfg)
+    agg.load_model()
+    agg.version += 1
+    agg._checkpoint(1, summary=summary)
+    return agg
+
+
 def test_a_committed_round_without_a_record_is_recorded_on_restart(tiny_models: dict[str, str], tmp_path: Path) -> None:
     from aggregator.server import Aggregator
 
     cfg = _cfg(tiny_models, tmp_path)
     metrics = Path(cfg.out_dir) / "metrics.jsonl"
-    first = Aggregator(cfg)
-    first.load_model()
-    first.version += 1
-    first._checkpoint(1, summary={"participants": IDS, "received": IDS[:2],
-                                  "drop_reasons": {"device-2": "offline: connection lost"}, "secagg": False})
+    _commit_round_1(cfg, {"participants": IDS, "received": IDS[:2],
+                          "drop_reasons": {"device-2": "offline: connection lost"}, "secagg": False})
     # ... and the process stops here, before evaluating round 1 and appending its record.
     assert not metrics.exists()
 
@@ -59,10 +67,7 @@ def test_a_round_with_its_record_is_not_recorded_again(tiny_models: dict[str, st
 
     cfg = _cfg(tiny_models, tmp_path)
     metrics = Path(cfg.out_dir) / "metrics.jsonl"
-    first = Aggregator(cfg)
-    first.load_model()
-    first.version += 1
-    first._checkpoint(1, summary={"participants": IDS, "received": IDS, "drop_reasons": {}, "secagg": False})
+    first = _commit_round_1(cfg, {"participants": IDS, "received": IDS, "drop_reasons": {}, "secagg": False})
     student, _ = first.evaluate()
     record.append(metrics, record.RoundRecord(round=1, status="ok", mode="fedit", student=student))
     again = Aggregator(cfg)
