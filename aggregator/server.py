@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ROUND_SUMMARY = "round.json"  # beside a committed round's adapters: who took part (record_committed_round)
 
+
 def load_eval(path: str, max_per_family: int) -> list[Example]:
     """A file, or a directory whose files are one family each (named after the file)."""
     p = Path(path)
@@ -321,6 +322,8 @@ class Aggregator:
             new, reason = None, f"secure aggregation failed: {type(e).__name__}: {e}"
         finally:
             self.book = None
+        received = sorted(b.received if b.received is not None else b.replies)
+        drop_reasons = {d: b.reasons.get(d, "not in the sum") for d in sorted(set(participants) - set(received))}
         # distil
         distil = None
         if new is None:
@@ -338,21 +341,17 @@ class Aggregator:
                 distil["scoring_down_bytes_per_device"] = sum(len(t.data) for t in sc.tensors)
             self.global_state = self.student.state
             self.version += 1
-            got = sorted(b.received if b.received is not None else b.replies)
-            self._checkpoint(rnd, summary={"participants": participants, "received": got,
-                                           "drop_reasons": {d: b.reasons.get(d, "not in the sum")
-                                                            for d in sorted(set(participants) - set(got))},
-                                           "secagg": b.spec is not None and b.spec.secagg is not None})
+            self._checkpoint(rnd, summary={"participants": participants, "received": received,
+                                           "drop_reasons": drop_reasons, "secagg": b.spec is not None and b.spec.secagg is not None})
         self.round = rnd
         # evaluate, record
         student, teacher = self.evaluate()
-        received = b.received if b.received is not None else sorted(b.replies)
         sp = b.spec.sparse if b.spec else None
         return RoundRecord(
             round=rnd, status="ok" if new is not None else "abandoned", mode=self.mode.name, student=student,
             teacher=teacher, participants=participants, received=sorted(received),
             dropped=sorted(set(participants) - set(received)),
-            drop_reasons={d: b.reasons.get(d, "not in the sum") for d in sorted(set(participants) - set(received))},
+            drop_reasons=drop_reasons,
             rejected_messages=b.rejected, bytes_up=b.bytes_up,
             bytes_down=b.bytes_down, bytes_by_kind=b.bytes_by_kind, train_loss=b.train_loss,
             fleet_train_loss=b.fleet_train_loss if new is not None else None,
