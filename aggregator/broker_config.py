@@ -12,9 +12,11 @@
   shelling out to ``mosquitto_passwd``: it need not be installed where the config is generated,
   and a newer one may default to a hash an older broker cannot read.
 - ``acl``: explicit per-user rules (no ``pattern`` lines, which would also apply to the aggregator's
-  account): device D writes only ``flm/v1/up/D/#`` and reads only ``flm/v1/down/D/#`` and
-  ``flm/v1/bcast/#``; the aggregator reads ``flm/v1/up/#`` and writes ``flm/v1/down/#`` and
-  ``flm/v1/bcast/#``. Anything not granted is denied.
+  account): device D writes only ``flm/v1/up/D/KIND`` for the protocol's upload kinds
+  (``shared.topics.UP_KINDS``: status, update, chunk, secagg) and reads only ``flm/v1/down/D/#``
+  and ``flm/v1/bcast/#``; the aggregator reads ``flm/v1/up/#``, writes ``flm/v1/down/#`` and
+  ``flm/v1/bcast/#``, and writes the upload kinds other than status (``flm/v1/up/+/update`` ...),
+  only to clear retained messages there. Anything not granted is denied.
 - ``credentials/<device>.json`` and ``credentials/<aggregator_user>.json`` (0600): what one client
   needs to connect (schema below); a device config points at its file.
 - ``mosquitto.conf``: a complete config with its own ``listener PORT HOST`` line.
@@ -68,6 +70,17 @@ PASSWD_SALT_LEN = 12
 TLS_MIN_VERSION = "tlsv1.2"
 MESSAGE_SLACK = 16 * 1024  # chunk frame, envelope and signature around a chunk's bytes
 MAX_QUEUED_BYTES = 64 << 20  # what the broker holds for one absent client (a round's downloads fit)
+# What Mosquitto 2.0 can and cannot cap (its mosquitto.conf(5), and src/database.c, retain.c):
+# - max_queued_messages / max_queued_bytes are per client (one value for every client) and count a
+#   client's outgoing QoS 1 queue beyond its in-flight window, online or absent; retained messages
+#   replayed on a subscription go through that same queue, so a replay beyond the cap is dropped
+#   for that subscriber. With use_username_as_clientid each account has exactly one session, so
+#   the broker holds at most (accounts) x (in-flight window + MAX_QUEUED_BYTES) of queues.
+# - Nothing caps retained messages per client, by count or bytes (2.0.11 has no such option;
+#   retain_available false would also drop the devices' retained presence). What bounds them is
+#   the ACL: a device writes exactly topics.UP_KINDS under its own prefix, so it holds at most
+#   that many retained messages, each within message_size_limit; the aggregator clears all but
+#   the status. memory_limit is the broker's global heap cap, not per client: not set here.
 
 
 # --- Mosquitto password hashes -------------------------------------------------------------------
@@ -194,18 +207,20 @@ def _acl_text(device_ids: list[str], aggregator_user: str, observers: list[str] 
         f"topic read {p}/{topics.UP}/#",
         f"topic write {p}/{topics.DOWN}/#",
         f"topic write {topics.bcast_filter()}",
+        # To clear what a device leaves retained on its non-presence topics (aggregator.collect):
+        # Mosquitto cannot grant "empty retained messages only", so this is write access to those
+        # topics, whose only reader is the aggregator itself (and observers, who check the
+        # devices' signatures). Never the presence topics: a device's status is its own.
+        *(f"topic write {p}/{topics.UP}/+/{kind}" for kind in topics.UP_KINDS if kind != topics.PRESENCE),
     ]
     for obs in observers:  # read-only: an auditor sees what the broker sees, and can send nothing
         lines += ["", f"user {obs}", f"topic read {p}/{topics.UP}/#", f"topic read {p}/{topics.DOWN}/#",
                   f"topic read {topics.bcast_filter()}"]
     for dev in device_ids:
-        lines += [
-            "",
-            f"user {dev}",
-            f"topic write {topics.up_filter(dev)}",
-            f"topic read {topics.down_filter(dev)}",
-            f"topic read {topics.bcast_filter()}",
-        ]
+        # Exactly the protocol's upload topics, not ``up/DEV/#``: a device cannot park retained
+        # messages on subtopics of its own choosing (at most one retained message per kind).
+        lines += ["", f"user {dev}", *(f"topic write {topics.up(dev, kind)}" for kind in topics.UP_KINDS),
+                  f"topic read {topics.down_filter(dev)}", f"topic read {topics.bcast_filter()}"]
     return "\n".join(lines) + "\n"
 
 
@@ -337,6 +352,10 @@ def write_broker_config(
         "autosave_interval 10",
         "max_queued_messages 2000",
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        # Retained messages are replayed only while their publisher may still write the topic, so
+        # one left on a topic the ACL no longer grants (an older, wider ACL, kept by persistence)
+        # is never delivered. Mosquitto's default, written out because the protocol relies on it.
+        "check_retain_source true",
     ]
     if user_opt is not None:
         body_lines.append(f"user {user_opt}")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.store import FILE as STORE_FILE
-from aggregator.store import RoundState, Store
+from aggregator.store import RoundState, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,35 @@ def write_mirror(out_dir: Path, st: RoundState) -> None:
     os.replace(tmp, out_dir / MIRROR)
 
 
-def open_store(out_dir: Path) -> Store:
-    """The store in ``out_dir``; a directory from before the store is imported into it once."""
-    new = not (out_dir / STORE_FILE).exists()
-    store = Store(out_dir / STORE_FILE)
-    if new and (out_dir / MIRROR).exists():
-        _import_legacy(out_dir, store)
+def open_store(out_dir: Path, fresh: bool = False) -> Store:
+    """The store in ``out_dir``, checked against the files its rounds wrote (``store_check``); a
+    directory from before the store is imported into it once.
+
+    ``fresh``: the old store (if any) is moved aside and a new one begins from the initial
+    adapter, numbering its rounds above every round the directory records (devices refuse a
+    number they have seen). Only on an operator's explicit word (``fl-agg run --fresh``)."""
+    from aggregator import store_check
+
+    path = out_dir / STORE_FILE
+    if fresh:
+        store_check.set_aside(out_dir)
+        store = Store(path)
+        seen = store_check.rounds_seen(out_dir)
+        if seen:
+            store.mark_restored(seen)
+            log.warning("a NEW store (--fresh): the trained model of the old one is not resumed; rounds are numbered "
+                        "from %d, after every round %s records", seen + 1, out_dir)
+        return store
+    if not path.exists():
+        if (out_dir / _LEGACY["announced"]).exists() and (out_dir / MIRROR).exists():
+            store = Store(path)
+            _import_legacy(out_dir, store)
+            return store
+        if store_check.rounds_seen(out_dir) and ((out_dir / MIRROR).exists() or (out_dir / store_check.METRICS).exists()):
+            raise StoreError(f"{path}: missing, but {out_dir} records rounds up to {store_check.rounds_seen(out_dir)}; "
+                             f"{store_check.FIX}")
+    store = Store(path)
+    store_check.check(out_dir, store)
     return store
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -44,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run federated rounds")
     run.add_argument("--config", required=True, help="aggregator config (.json or .toml)")
+    run.add_argument("--fresh", action="store_true",
+                     help="start a NEW store (the old one is moved aside, never deleted): for a store that is damaged "
+                          "and has no backup; the trained model is not resumed")
+    bk = sub.add_parser("backup", help="a consistent copy of the aggregator's store and current checkpoints (safe while it runs)")
+    bk.add_argument("--config", required=True, help="the aggregator's config")
+    bk.add_argument("--out", required=True, type=Path, help="a new directory for the backup")
+    rs = sub.add_parser("restore", help="check a backup, then make it the aggregator's store (the old one moved aside)")
+    rs.add_argument("backup", type=Path, help="a directory written by fl-agg backup")
+    rs.add_argument("--config", required=True, help="the aggregator's config")
     kg = sub.add_parser("keygen", help="create the aggregator's keys")
     kg.add_argument("--out", required=True, type=Path)
     kg.add_argument("--force", action="store_true")
@@ -96,11 +106,36 @@ def main(argv: list[str] | None = None) -> int:
             replaces = request_rollback(Path(cfg.out_dir) / "releases", args.to, args.reason, key.public, cfg.release.fleet)
             log.info("rollback from %s to %s requested: the running aggregator announces it at the next round boundary "
                      "(or when it next starts)", replaces, args.to)
+        elif args.cmd in ("backup", "restore"):
+            from aggregator import backup
+            from aggregator.config import load
+
+            out = Path(load(args.config).out_dir)
+            if args.cmd == "backup":
+                info = backup.backup(out, args.out)
+                log.info("backed up %s at round %d to %s", out, info["round"], args.out)
+            else:
+                info = backup.restore(args.backup, out)
+                log.info("restored %s (round %d) into %s; `fl-agg run` resumes from it", args.backup, info["round"], out)
         else:
+            from aggregator import authority_guard
             from aggregator.config import load
             from aggregator.server import Aggregator
 
-            Aggregator(load(args.config)).run()
+            cfg = load(args.config)
+            if not cfg.insecure:
+                authority_guard.warn_if_readable(cfg.authority, cfg.keys)
+            try:
+                Aggregator(cfg, fresh=args.fresh).run()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                    raise
+                # A full or read-only disk in the middle of a round (a checkpoint, a model card): the
+                # store's last commit is intact, and a restart resumes from it once there is room.
+                from aggregator.store import StoreError
+
+                raise StoreError(f"{e.filename or cfg.out_dir}: {e.strerror}: the aggregator stopped; its store keeps the "
+                                 "last committed round, and `fl-agg run` resumes from it once the disk has room") from None
 
     return cli.run(body, log, debug=args.debug, extra=(LinkError,))
 

@@ -49,7 +49,7 @@ class RoundBook:
     spec: M.RoundSpec | None = None
     idx: np.ndarray | None = None  # the round's shared index set
     # Secure aggregation: the stage being collected, who must answer it, and what arrived.
-    stage: str = "update"  # advertise, share, receipt, update, consistency, unmask
+    stage: str = "update"  # advertise, reveal, share, receipt, update, consistency, unmask
     expect: set[str] | None = None  # None: every participant
     inbox: dict[str, Any] = field(default_factory=dict)
     sa: Any = None  # shared.secagg.hardened.HardenedServer
@@ -109,6 +109,8 @@ class Collector:
         self.keep_received = keep_received
         self.accept_plain = accept_plain  # how a plain round's update becomes a Reply
         self._ignored: set[str] = set()
+        self.cleared_retained = 0  # retained messages we cleared off upload topics (see _clear_retained)
+        self._cleared_topics: set[str] = set()
         self._suspects: dict[str, tuple[float, str, int]] = {}  # device -> (when its "offline" came, detail, round)
         self._online_at: dict[str, float] = {}  # device -> when its last "online" status came (monotonic)
 
@@ -118,6 +120,10 @@ class Collector:
 
     # -- receiving -----------------------------------------------------------------------------
     def dispatch(self, topic: str, payload: bytes, wire_bytes: int, retain: bool = False) -> None:
+        if not payload:
+            return  # clears a retained message (a device's own, or ours echoed back): carries nothing
+        if retain and self._clear_retained(topic, len(payload)):
+            return
         try:
             t = topics.parse(topic)
             if t.direction != topics.UP or t.device_id is None:
@@ -127,11 +133,8 @@ class Collector:
                     log.warning("ignoring unenrolled device %s", t.device_id)
                     self._ignored.add(t.device_id)
                 return
-            if not payload and t.kind == "status":
-                return  # a cleared retained message
-            if retain and t.kind != "status":
-                # Only the status (and its last will) is retained by the protocol; a retained update
-                # or chunk would be replayed to us on every reconnect.
+            if retain and t.kind != topics.PRESENCE:
+                # Only for topics we did not clear (outside the upload prefix, never any of ours).
                 raise SchemaError(f"retained message on {topic}: only status messages may be retained")
             if self.book is not None and t.device_id in self.book.participants:
                 # Chunks are update bytes: devices chunk only updates.
@@ -162,6 +165,46 @@ class Collector:
             if self.book is not None:
                 self.book.rejected += 1
             log.warning("rejected message on %s: %s: %s", topic, type(e).__name__, e)
+
+    # Topics remembered for "log once per topic"; past this many, clearing goes on unlogged.
+    MAX_CLEARED_TOPICS = 10_000
+
+    def _clear_retained(self, topic: str, size: int) -> bool:
+        """Clear a retained message on an upload topic other than its device's own presence topic.
+
+        Only a device's status (and its last will) is retained by the protocol. Anything else
+        retained under ``up/`` (an update, a chunk, a secure-aggregation message, or a topic of no
+        shape of ours) would sit in the broker and be replayed to every new subscription of ours,
+        so we publish an empty retained message over it, which deletes it at the broker. Returns
+        True when the message was such junk (the caller then ignores it), False when it is not
+        ours to clear: a presence message, or a topic outside the upload prefix.
+        """
+        if not topics.is_up(topic):
+            return False
+        try:
+            t = topics.parse(topic)
+            if t.kind == topics.PRESENCE:
+                return False
+        except SchemaError:
+            pass  # malformed under our prefix: junk too
+        device = topics.up_device(topic) or "?"  # only a well-formed id is named (it goes in logs)
+        self.cleared_retained += 1
+        first = topic not in self._cleared_topics
+        if first and len(self._cleared_topics) < self.MAX_CLEARED_TOPICS:
+            self._cleared_topics.add(topic)
+        try:
+            if self.link is None:
+                raise RuntimeError("no broker link")
+            self.link.publish(topic, b"", retain=True, timeout=self.CLEAR_TIMEOUT_S)
+            done = "cleared"
+        except Exception as e:  # noqa: BLE001 - best effort; it is replayed (and tried) again next time
+            done = f"could not clear ({type(e).__name__}: {e})"
+        if first:
+            log.warning("%s a retained message of %d bytes on %r (device %s): only a device's status may be "
+                        "retained (%d cleared so far)", done, size, topic[:200], device, self.cleared_retained)
+        return True
+
+    CLEAR_TIMEOUT_S = 5.0  # a clear waits at most this long for the broker (the collector waits meanwhile)
 
     def admit(self, device: str, m: Manifest) -> None:
         """Only a participant, while the round takes updates, for at most the round's update size."""
@@ -236,9 +279,12 @@ class Collector:
         elif st.state == "declined":
             # Whatever stage is being collected: a device declines while training, after it has
             # answered the key stages, and the update stage must not wait for it.
-            if self.book is not None and device in self.book.participants and device not in self.book.replies:
-                self.book.drop(device, f"declined: {st.detail}")
-                log.warning("round %d: device %s declined: %s", self.book.rnd, device, st.detail)
+            b = self.book
+            # After its update is in, a device can still refuse the consistency check or the
+            # unmask (it says why): nobody waits for it there either.
+            if b is not None and device in b.participants and (device not in b.replies or b.stage in ("consistency", "unmask")):
+                b.drop(device, f"declined: {st.detail}")
+                log.warning("round %d: device %s declined: %s", b.rnd, device, st.detail)
         elif st.state == "release":
             self.release_acks[device] = st.detail
             log.info("device %s: release %s", device, st.detail)
@@ -348,7 +394,7 @@ class Collector:
             raise ReplayError(f"secure-aggregation message for {msg.device_id} arrived on {device}'s topic")
         inner = secagg.decode(msg.body)
         adv = hardened.SignedAdvertise if b.hardened else secagg.AdvertiseKeys
-        want = {"advertise": adv, "share": secagg.ShareKeys, "receipt": secagg.BundleReceipt,
+        want = {"advertise": adv, "reveal": hardened.SeedReveal, "share": secagg.ShareKeys, "receipt": secagg.BundleReceipt,
                 "consistency": hardened.ConsistencySig,
                 "unmask": secagg.UnmaskShares}.get(b.stage)
         if want is None or not isinstance(inner, want):

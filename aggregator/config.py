@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aggregator.modes import REGISTRY as MODES
+from fl_lm.device import check_setting
 from shared.config import load_file, require
 from shared.topics import check_device_id
 
@@ -161,6 +162,13 @@ class AggregatorConfig:
     # A password over plain mqtt:// to a host that is not this machine is refused unless this says so.
     allow_plaintext_password: bool = False
     torch_threads: int = 0
+    # Where the aggregator runs the student and the teacher, distillation and evaluation
+    # (fl_lm.device): auto (CUDA where torch sees a GPU, else the CPU), cpu, cuda or cuda:N (refused
+    # at start when absent). dtype: auto (bf16 autocast where the GPU has it, fp16 on older GPUs,
+    # float32 on the CPU), or float32, bfloat16, float16. Weights and adapters stay float32 (the
+    # release merges them); only the forward passes are autocast.
+    device: str = "auto"
+    dtype: str = "auto"
     # Security (on unless ``insecure``): the aggregator's private keys (``fl-agg keygen``) and the
     # registry of enrolled devices' public keys (``fl-agg enroll``). Only enrolled devices count.
     keys: str | None = None
@@ -183,9 +191,12 @@ class AggregatorConfig:
     # 0: the finest resolution a 32-bit ring allows for the round's cohort.
     value_bits: int = 0
     key_timeout_s: float = 60.0  # deadline of each key-exchange and unmask stage
-    # A device's FedAvg weight under secure aggregation is min(examples, this) / this, sent masked;
-    # set it near the largest local data set (a device with more counts as this many).
-    secagg_weight_norm: int = 1000
+    # Under secure aggregation every device weighs 1 (the mean's denominator is the number of
+    # contributors): a weight one device states under masks cannot be bounded, and one that claimed
+    # 4.95 against four honest 0.012s moved the mean 15x (issue 22). In plain rounds the aggregator
+    # sees each update: it clips every value to +-clip and weighs a device by its example count,
+    # capped at this (a claim of 2^31 - 1 examples used to own the mean).
+    max_weight_examples: int = 1000
     # Sparse updates on a round-shared index set (FLASC-style), with error feedback on devices.
     density: float = 1.0  # fraction of adapter coordinates sent per round; 1.0 = dense
     # random (seeded random-k: measured best, benchmarks/README.md), topk (global: from the masked
@@ -200,6 +211,7 @@ class AggregatorConfig:
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        check_setting(self.device, self.dtype)
         if self.insecure:
             require(bool(self.devices), "devices must list at least one device id when insecure = true")
         else:
@@ -236,7 +248,7 @@ class AggregatorConfig:
         require(0 <= self.value_bits <= 31, f"value_bits must be in 0..31 (0 = finest), got {self.value_bits}")
         require(self.secagg_threshold == 0 or self.secagg_threshold >= 2, "secagg_threshold must be 0 (auto) or >= 2")
         require(self.key_timeout_s > 0, "key_timeout_s must be > 0")
-        require(self.secagg_weight_norm >= 1, f"secagg_weight_norm must be >= 1, got {self.secagg_weight_norm}")
+        require(self.max_weight_examples >= 1, f"max_weight_examples must be >= 1, got {self.max_weight_examples}")
         require(self.insecure or not self.secagg or self.authority is not None,
                 "secagg needs authority (the fleet authority's public key, fl-authority keygen): without it devices "
                 "cannot tell a peer's key advert from one the aggregator forged")

@@ -46,25 +46,34 @@ class EvalSummary:
 
 
 class HostedModel:
-    """Tokenizer + base + PEFT LoRA; ``state`` is the adapter as float32 numpy arrays."""
+    """Tokenizer + base + PEFT LoRA; ``state`` is the adapter as float32 numpy arrays.
 
-    def __init__(self, name: str, id_or_path: str, lora: M.LoraSpec, *, seed: int, max_seq_len: int, eval_batch_size: int) -> None:
+    On the ``placement``'s device (``fl_lm.device``; by default ``resolve("auto")``): weights and
+    adapter stay float32 there (the release merges them, and the base digest is the devices'),
+    and the loops that run the model (evaluation, distillation) autocast its forward passes.
+    """
+
+    def __init__(self, name: str, id_or_path: str, lora: M.LoraSpec, *, seed: int, max_seq_len: int, eval_batch_size: int,
+                 placement: Any = None) -> None:
+        from fl_lm import device
         from fl_lm.loading import base_digest, check_model_source, load_model, load_tokenizer, param_count
         from fl_lm.lora import attach_lora, get_adapter
 
         check_model_source(id_or_path, name)  # one line naming what is wrong, not a hub error
         self.name = name
         self.id_or_path = id_or_path
+        self.placement = placement or device.resolve("auto")
         self.tok = load_tokenizer(id_or_path)
         base = load_model(id_or_path)
         self.params = param_count(base)
         self.digest = base_digest(base, id_or_path)
         self.lora = lora
-        self.peft = attach_lora(base, lora, seed=seed)
+        self.peft = device.place(attach_lora(base, lora, seed=seed), self.placement)
         self.state: dict[str, np.ndarray] = get_adapter(self.peft)
         self.max_seq_len = max_seq_len
         self.eval_batch_size = eval_batch_size
-        log.info("%s %s: %d params, digest %s", name, id_or_path, self.params, self.digest[:12])
+        log.info("%s %s: %d params, digest %s, on %s", name, id_or_path, self.params, self.digest[:12],
+                 self.placement.describe())
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         from fl_lm.lora import set_adapter

@@ -6,6 +6,7 @@ learnt so far (aggregate magnitudes, the fleet's summed sketch) in; a ``RoundSpe
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -14,6 +15,9 @@ from aggregator.config import AggregatorConfig
 from shared import messages as M
 from shared import secagg, sparse, tensors, update_codec
 from shared.errors import ConfigError
+from shared.secagg.floors import Floors
+
+log = logging.getLogger(__name__)
 
 
 def sparse_spec(c: AggregatorConfig, dim: int, seed: int, scores: np.ndarray | None, sketch: np.ndarray | None) -> M.SparseSpec:
@@ -42,13 +46,17 @@ def secagg_spec(c: AggregatorConfig, participants: list[str], online: dict[str, 
     if 2 * t <= kk:
         raise secagg.SecAggAbort(f"threshold {t} is not more than half of the neighbourhood of {kk}: devices would refuse "
                                  f"it; raise secagg_threshold or leave it 0 (2/3 of each neighbourhood)")
+    floor = Floors().threshold(kk)
+    if t < floor:
+        log.warning("threshold %d for a neighbourhood of %d is below the devices' default floor of %d (ceil(2k/3)): "
+                    "devices with default floors decline the round", t, kk, floor)
     try:
         ring_bits, value_bits = update_codec.ring_for(n, c.value_bits)
     except ConfigError as e:
         raise secagg.SecAggAbort(str(e)) from e
     return M.SecAggSpec(node_ids=tuple(range(n)), threshold=t, graph_seed=os.urandom(32), clip=c.clip,
                         ring_bits=ring_bits, value_bits=value_bits,
-                        weight_norm=c.secagg_weight_norm,
+                        weight_norm=1,  # every device weighs 1: see AggregatorConfig.max_weight_examples
                         sketch_block=c.sketch_block if method != "dense" else 0)
 
 

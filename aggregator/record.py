@@ -35,7 +35,9 @@ class ModelEvals:
 @dataclass(frozen=True)
 class RoundRecord:
     round: int
-    status: str  # baseline (round 0, before training), ok, abandoned
+    # baseline (round 0, before training), ok, abandoned, or interrupted (the aggregator stopped
+    # during the round, and a restart recorded it: the model is the last committed one)
+    status: str
     mode: str
     student: ModelEvals
     participants: list[str] = field(default_factory=list)

@@ -40,18 +40,22 @@ def make_release(peft_model: Any, tok: Any, *, base: str, root: Path, rnd: int, 
                  heldout: list[Example], int8: bool = False, keep: int = 3) -> Built | None:
     from fl_lm.data import prompt_text
     from fl_lm.onnx_export import build_release_dir
-    from fl_lm.onnx_parity import check
-    from fl_lm.onnx_session import OnnxLM
 
     rid = f"r{rnd:04d}-{mode}" + ("-int8" if int8 else "")
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".build-{rid}"
     shutil.rmtree(work, ignore_errors=True)
+    exs = [e for e in heldout if e.prompt][:PARITY_PROMPTS] or heldout[:PARITY_PROMPTS]
+    prompts, refs = [prompt_text(tok, e) for e in exs], [e.output for e in exs]
     try:
-        build_release_dir(base, work, peft_model=peft_model, int8=int8)
-        exs = [e for e in heldout if e.prompt][:PARITY_PROMPTS] or heldout[:PARITY_PROMPTS]
-        parity = check(peft_model, tok, OnnxLM(work), [prompt_text(tok, e) for e in exs], [e.output for e in exs],
-                       quantization="int8" if int8 else "none")
+        if int8:
+            parity = _int8_release(peft_model, tok, base, work, prompts, refs, rid)
+        else:
+            from fl_lm.onnx_parity import check
+            from fl_lm.onnx_session import OnnxLM
+
+            build_release_dir(base, work, peft_model=peft_model)
+            parity = check(peft_model, tok, OnnxLM(work), prompts, refs)
         if not parity.passed:
             log.error("release %s NOT published: parity gate failed (%s); the fleet keeps the previous release",
                       rid, parity.reason)
@@ -69,11 +73,37 @@ def make_release(peft_model: Any, tok: Any, *, base: str, root: Path, rnd: int, 
         shutil.rmtree(work, ignore_errors=True)
     _prune(root, keep)
     size = sum(f.size for f in m.files)
-    log.info("release %s: %d files, %.2f MB, max logit diff %.2g, greedy identical %d/%d", rid, len(m.files), size / 1e6,
-             parity.max_logit_diff, parity.greedy_identical, parity.prompts)
+    log.info("release %s: %d files, %.2f MB, max logit diff %.2g, greedy identical %d/%d%s", rid, len(m.files), size / 1e6,
+             parity.max_logit_diff, parity.greedy_identical, parity.prompts,
+             f", int8 ({parity.recipe}) next-token agreement {parity.token_agreement:.3f}, held-out loss "
+             f"{parity.loss_onnx:.4f} vs {parity.loss_torch:.4f}" if int8 else "")
     (root / "latest.json").write_text(json.dumps({"release_id": rid, "round": rnd, "bytes": size, "parity": parity.to_json()},
                                                  indent=2))
     return Built(m, final, signed)
+
+
+def _int8_release(peft_model: Any, tok: Any, base: str, work: Path, prompts: list[str], refs: list[str], rid: str) -> Any:
+    """Export once, then quantize by each int8 recipe in turn (smallest first) into ``work`` until
+    one passes the parity gate; the last one's figures when none does."""
+    import dataclasses
+    import tempfile
+
+    from fl_lm.onnx_export import INT8_RECIPES, build_release_dir, quantize_int8
+    from fl_lm.onnx_parity import check
+    from fl_lm.onnx_session import OnnxLM
+
+    with tempfile.TemporaryDirectory(prefix="fl-release-") as tmp:
+        fp32 = build_release_dir(base, Path(tmp) / "fp32", peft_model=peft_model)
+        for recipe in INT8_RECIPES:
+            shutil.rmtree(work, ignore_errors=True)
+            quantize_int8(fp32, work, recipe)
+            parity = dataclasses.replace(check(peft_model, tok, OnnxLM(work), prompts, refs, quantization="int8"),
+                                         recipe=recipe)
+            if parity.passed:
+                return parity
+            log.warning("release %s: int8 recipe %r fails the parity gate (%s)%s", rid, recipe, parity.reason,
+                        "" if recipe == INT8_RECIPES[-1] else "; trying the next")
+    return parity
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -71,8 +71,9 @@ def load_public(path: str) -> list[Example]:
 
 
 class Aggregator:
-    def __init__(self, cfg: AggregatorConfig) -> None:
+    def __init__(self, cfg: AggregatorConfig, fresh: bool = False) -> None:
         self.cfg = cfg
+        self.fresh = fresh  # start a new store (the old one moved aside), on the operator's explicit word
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.strategy = make_strategy(cfg.server_optimizer, server_lr=cfg.server_lr, clients_per_round=cfg.clients_per_round,
@@ -173,15 +174,20 @@ class Aggregator:
 
         from aggregator import modes
 
+        from fl_lm.device import resolve
+
         c = self.cfg
         if c.torch_threads:
             torch.set_num_threads(c.torch_threads)
+        # One placement for every model the aggregator runs (the teacher goes beside the student).
+        placement = resolve(c.device, c.dtype)
+        log.info("models on %s (%s)", placement.describe(), placement.reason)
         self.student = s = HostedModel("student", c.student, self.lora, seed=c.seed, max_seq_len=c.max_seq_len,
-                                       eval_batch_size=c.eval_batch_size)
+                                       eval_batch_size=c.eval_batch_size, placement=placement)
         self.digest = s.digest
         self.mode = modes.make(c.mode, ModeContext(cfg=c, out=self.out, student=s, public=self.public,
                                                    eval_private=self.eval_examples, eval_public=self.eval_public))
-        self.store = store = checkpoint.open_store(self.out)
+        self.store = store = checkpoint.open_store(self.out, fresh=self.fresh)
         st = store.state()
         if st is not None:
             s.load(st.checkpoint)
@@ -242,10 +248,19 @@ class Aggregator:
 
     # -- one round -----------------------------------------------------------------------------
     def _accept_plain(self, b: RoundBook, device: str, up: M.Update | M.SparseUpdate) -> Reply:
+        """A plain round's update: decoded, every value clipped to +-clip, its weight capped."""
         assert b.spec is not None
         if isinstance(up, M.SparseUpdate):
-            return Reply(device, up.num_examples, updates.sparse_delta(device, up, b.spec.sparse, b.idx, self.layout))
-        return Reply(device, up.num_examples, updates.dense_delta(device, up, self.global_state))
+            delta = updates.sparse_delta(device, up, b.spec.sparse, b.idx, self.layout)
+        else:
+            delta = updates.dense_delta(device, up, self.global_state)
+        delta, moved = updates.clip(delta, self.cfg.clip)
+        if moved:
+            log.warning("round %d: %d values of %s's update were beyond +-%g and are clipped", b.rnd, moved, device, self.cfg.clip)
+        if up.num_examples > self.cfg.max_weight_examples:
+            log.warning("round %d: %s claims %d examples; it weighs %d (max_weight_examples)", b.rnd, device,
+                        up.num_examples, self.cfg.max_weight_examples)
+        return Reply(device, min(up.num_examples, self.cfg.max_weight_examples), delta)
 
     def _announce(self, b: RoundBook) -> None:
         assert b.spec is not None
@@ -277,7 +292,7 @@ class Aggregator:
             replies = list(b.replies.values())
             new = self.strategy.aggregate(self.global_state, replies)
             total = sum(r.num_examples for r in replies)
-            b.fleet_train_loss = sum(r.num_examples * b.train_loss[r.device_id] for r in replies) / total
+            b.fleet_train_loss = sum(r.num_examples * update_codec.clamp_loss(b.train_loss[r.device_id]) for r in replies) / total
             mean = weighted_mean(replies) if self.cfg.sparse_method == "topk" else {}
         bad = sorted(name for name, v in new.items() if not np.isfinite(v).all())
         if bad:
@@ -456,12 +471,36 @@ class Aggregator:
             note="recorded after a restart: the aggregator stopped after committing this round and before writing its "
                  "record; byte counts, training losses and distillation figures were lost with it"))
 
+    @property
+    def shutdown_round(self) -> int:
+        """The round the shutdown broadcast is bound to: the last one announced, not the last
+        completed. A device that heard an announcement refuses anything bound to an earlier round
+        (it would be a replay): after a failed commit, devices refused the shutdown (issue 23)."""
+        return max(self.round, self.announced)
+
+    def record_interrupted_round(self, metrics: Path) -> None:
+        """A round announced before a stop that neither committed nor left a record (a kill in
+        collection or unmasking): before, only the store's phases showed it. Recorded now as
+        ``interrupted``, with the committed model's scores (it is the model the round left)."""
+        assert self.mode is not None and self.store is not None
+        a = self.announced
+        if a <= self.round or record.last_round(metrics) >= a:
+            return
+        why = next((d for _, p, d in reversed(self.store.phases(a)) if p == "abandoned"), "")
+        log.warning("round %d was announced but the aggregator stopped before it ended: recording it as interrupted", a)
+        student, teacher = self.evaluate()
+        record.append(metrics, RoundRecord(
+            round=a, status="interrupted" if not why else "abandoned", mode=self.mode.name, student=student, teacher=teacher,
+            abandon_reason=why or "the aggregator stopped during the round; the model is the last committed round's",
+            note="recorded after a restart: the round's participants, bytes and losses were lost with the process"))
+
     def run(self) -> None:
         self.load_model()
         self.connect()
         metrics = self.out / "metrics.jsonl"
         try:
             self.record_committed_round(metrics)
+            self.record_interrupted_round(metrics)
             if self.round == 0 and self.announced == 0:
                 assert self.mode is not None
                 student, teacher = self.evaluate()
@@ -484,5 +523,5 @@ class Aggregator:
                          f", teacher loss {rec.teacher.private.mean_loss:.4f}" if rec.teacher else "")
             self.rollback_if_requested()
         finally:
-            self.col.broadcast_shutdown(self.round)
+            self.col.broadcast_shutdown(self.shutdown_round)
             self.link.close()

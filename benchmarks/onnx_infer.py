@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("onnx_infer")
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca-4k.jsonl"
 
 PROMPTS = ["### Instruction:\nAdd one.\n### Input:\n41\n### Response:\n",
            "### Instruction:\nName a colour.\n### Response:\n",
@@ -56,7 +57,7 @@ def _peak_mb() -> float:
     return float("nan")
 
 
-def _engine(kind: str, model_dir: str, release: str, tokens: int, threads: int, q: Any) -> None:
+def _engine(kind: str, model_dir: str, release: str, tokens: int, threads: int, texts: list[str], q: Any) -> None:
     """One engine in its own process: warm up, then every prompt; report speed, memory, tokens."""
     import numpy as np
     import torch
@@ -65,7 +66,7 @@ def _engine(kind: str, model_dir: str, release: str, tokens: int, threads: int, 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
     outs: list[list[int]] = []
     if kind == "torch":
         from fl_lm.loading import load_model
@@ -96,10 +97,10 @@ def _engine(kind: str, model_dir: str, release: str, tokens: int, threads: int, 
            "outputs": outs, "np": np.__version__})
 
 
-def _spawn(kind: str, model_dir: Path, release: Path, tokens: int, threads: int) -> dict[str, Any]:
+def _spawn(kind: str, model_dir: Path, release: Path, tokens: int, threads: int, texts: list[str]) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_engine, args=(kind, str(model_dir), str(release), tokens, threads, q))
+    p = ctx.Process(target=_engine, args=(kind, str(model_dir), str(release), tokens, threads, texts, q))
     p.start()
     res = q.get(timeout=3600)
     p.join()
@@ -115,8 +116,46 @@ def _prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: int) -> dict[str, Any]:
+def real_prompts(model_dir: Path, n: int) -> tuple[list[str], list[str]]:
+    """The last n Alpaca records of ../shared/data (held out from nothing here: these models were
+    not trained on this run), through the model's chat template: prompts and reference answers."""
+    from fl_lm.loading import load_tokenizer
+    from shared.datasets import load_file
+
+    tok = load_tokenizer(str(model_dir))
+    exs = load_file(ALPACA)[-n:]
+    prompts = []
+    for e in exs:
+        user = e.instruction + (f"\n\n{e.input}" if e.input else "")
+        prompts.append(tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True))
+    return prompts, [e.output for e in exs]
+
+
+def parity(model_dir: Path, releases: dict[str, Path], prompts: list[str], refs: list[str], threads: int) -> dict[str, Any]:
+    """The release's own gate (fl_lm.onnx_parity) on real weights: fp32 logit difference and greedy
+    identity, int8 next-token agreement (teacher-forced) and held-out loss against PyTorch."""
+    import torch
+
+    from fl_lm import onnx_parity
+    from fl_lm.loading import load_model, load_tokenizer
+    from fl_lm.onnx_session import OnnxLM
+
+    torch.set_num_threads(threads)
+    tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
+    out = {}
+    for q, d in releases.items():
+        p = onnx_parity.check(model, tok, OnnxLM(d, threads=threads), prompts, refs, quantization="int8" if q == "int8" else "none")
+        out[q] = p.to_json()
+        log.info("parity %s: max logit diff %.2g, token agreement %.3f, loss torch %.4f onnx %.4f, passed %s (%s)", q,
+                 p.max_logit_diff, p.token_agreement, p.loss_torch, p.loss_onnx, p.passed, p.reason)
+    return out
+
+
+def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: int, texts: list[str] | None = None,
+                refs: list[str] | None = None) -> dict[str, Any]:
     from fl_lm.onnx_export import build_release_dir
+
+    texts = texts or PROMPTS
 
     rel = {}
     sizes = {}
@@ -129,7 +168,7 @@ def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: in
         log.info("%s: %s release built in %.0fs (%.1f MB of ONNX)", name, q, time.monotonic() - t, sizes[q] / 1e6)
     res = {}
     for kind in ("torch", "fp32", "int8"):
-        res[kind] = _spawn(kind, model_dir, rel.get(kind, rel["fp32"]), tokens, threads)
+        res[kind] = _spawn(kind, model_dir, rel.get(kind, rel["fp32"]), tokens, threads, texts)
         log.info("%s %s: %.1f tokens/s, peak RSS %.0f MB", name, kind, res[kind]["tokens_per_s"], res[kind]["peak_rss_mb"])
     ref = res["torch"]["outputs"]
     for kind in ("fp32", "int8"):
@@ -143,8 +182,11 @@ def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: in
     import json as _j
 
     params = _j.loads((model_dir / "config.json").read_text())
-    return {"model": name, "config": {k: params.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
-            "onnx_bytes": sizes, "int8_size_ratio": sizes["fp32"] / sizes["int8"], "engines": res}
+    out = {"model": name, "config": {k: params.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+           "prompts": len(texts), "onnx_bytes": sizes, "int8_size_ratio": sizes["fp32"] / sizes["int8"], "engines": res}
+    if refs is not None:
+        out["parity"] = parity(model_dir, rel, texts, refs, threads)
+    return out
 
 
 def _demo_student(out: Path) -> Path:
@@ -174,7 +216,7 @@ def table(results: list[dict[str, Any]]) -> str:
         for kind in ("torch", "fp32", "int8"):
             e = r["engines"][kind]
             mb = "" if kind == "torch" else f"{r['onnx_bytes'][kind] / 1e6:.1f}"
-            ident = "" if kind == "torch" else f"{e['identical_prompts']}/{len(PROMPTS)}"
+            ident = "" if kind == "torch" else f"{e['identical_prompts']}/{r.get('prompts', len(PROMPTS))}"
             agree = "" if kind == "torch" else f"{e['prefix_agreement']:.3f}"
             x = "1.00" if kind == "torch" else f"{e['speedup_vs_torch']:.2f}"
             lines.append(f"| {r['model']} | {kind} | {e['tokens_per_s']:.1f} | {x} | {e['peak_rss_mb']:.0f} | {ident} | {agree} | {mb} |")
@@ -186,23 +228,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (default 64, quick 16)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--real", default=None, metavar="DIR",
+                    help="a real model (save_pretrained dir, e.g. models/real/student from `make models-real`) instead of the "
+                         "random ones, on Alpaca prompts through its chat template, with the release's parity gate on "
+                         "real weights; writes onnx_infer_real[.quick].json")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     tokens = a.tokens or (16 if a.quick else 64)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as tmp:
         work = Path(tmp)
-        demo = _demo_student(work / "demo")
-        models = [("demo student", demo)]
-        if not a.quick:
-            models.append(("Qwen2.5-0.5B config", _qwen_shaped(work / "qwen05", demo)))
-        results = [bench_model(n.replace(" ", "-"), d, work, tokens, a.threads) | {"model": n} for n, d in models]
+        if a.real:
+            texts, refs = real_prompts(Path(a.real), 4 if a.quick else 16)
+            results = [bench_model("real", Path(a.real), work, tokens, a.threads, texts, refs)
+                       | {"model": f"real student ({Path(a.real).name})"}]
+        else:
+            demo = _demo_student(work / "demo")
+            models = [("demo student", demo)]
+            if not a.quick:
+                models.append(("Qwen2.5-0.5B config", _qwen_shaped(work / "qwen05", demo)))
+            results = [bench_model(n.replace(" ", "-"), d, work, tokens, a.threads) | {"model": n} for n, d in models]
     out = {"benchmark": "onnx_infer", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(), "quick": a.quick, "tokens_per_prompt": tokens, "prompts": len(PROMPTS),
            "threads": a.threads, "wall_s": round(time.monotonic() - t0, 1), "results": results}
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    path = res_dir / ("onnx_infer.quick.json" if a.quick else "onnx_infer.json")
+    name = "onnx_infer_real" if a.real else "onnx_infer"
+    path = res_dir / (f"{name}.quick.json" if a.quick else f"{name}.json")
     path.write_text(json.dumps(out, indent=2))
     sys.stdout.write(table(results) + f"\n\nwrote {path} ({out['wall_s']:.0f}s)\n")
     return 0

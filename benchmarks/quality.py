@@ -34,38 +34,20 @@ import datetime as dt
 import json
 import logging
 import math
-import os
-import platform
-import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from shared.datasets import Example, write_jsonl  # noqa: E402
+from quality_common import ALPACA, ROOT, Data, balanced, load_checkpoint, machine, mean_of, rouge_l, text_baselines, token_loss, write_layout
+from quality_common import alpaca_data as _alpaca_data
+from quality_common import run_sim as sim_run
+from quality_common import train_in_process as train_common
+from shared.datasets import Example
 
 log = logging.getLogger("quality")
-ALPACA = ROOT.parent / "shared" / "data" / "alpaca-4k.jsonl"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
-
-# Instruction kinds of Alpaca, by the first word: devices get a Dirichlet mix of kinds.
-KINDS = {
-    "create": {"generate", "create", "write", "compose", "design", "construct", "come", "suggest", "provide", "make",
-               "develop", "invent", "brainstorm", "produce", "draft", "imagine", "formulate", "propose", "build"},
-    "explain": {"describe", "explain", "summarize", "compare", "discuss", "analyze", "analyse", "outline", "evaluate",
-                "tell", "contrast", "illustrate", "predict", "justify"},
-    "question": {"what", "how", "why", "who", "which", "when", "where", "is", "are", "can", "do", "does", "should"},
-    "transform": {"rewrite", "edit", "given", "classify", "identify", "find", "calculate", "convert", "translate",
-                  "categorize", "sort", "determine", "detect", "rearrange", "correct", "paraphrase", "change", "reverse",
-                  "delete", "replace", "combine", "select", "choose", "assign", "extract", "rank", "arrange"},
-    "list": {"name", "list", "give", "state", "enumerate", "recommend", "offer", "add"},
-}
 
 
 @dataclass(frozen=True)
@@ -94,22 +76,7 @@ SYNTHETIC = Setup("synthetic")
 TEXT = Setup("alpaca", student_pretrain=300, teacher_pretrain=600, text=True, eval_per_family=400)
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
-
-
 # -- data -------------------------------------------------------------------------------------
-@dataclass
-class Data:
-    shards: list[list[Example]]
-    public: list[Example]
-    heldout: dict[str, list[Example]]  # devices' families (synthetic) / instruction kinds (alpaca)
-    public_heldout: dict[str, list[Example]]
-
-
 def synthetic_data(st: Setup, seed: int) -> Data:
     from fl_sim import prepare
 
@@ -117,42 +84,8 @@ def synthetic_data(st: Setup, seed: int) -> Data:
     return Data(d.shards, d.public, d.heldout, d.public_heldout)
 
 
-def kind_of(instruction: str) -> str:
-    w = (instruction.split() or [""])[0].strip(",.:;!?\"'").lower()
-    return next((k for k, ws in KINDS.items() if w in ws), "other")
-
-
 def alpaca_data(st: Setup, seed: int, limit: int | None = None) -> Data:
-    from fl_sim import partition
-    from shared.datasets import load_file
-
-    rows = load_file(ALPACA)
-    rows = [Example(e.instruction, e.input, e.output, kind_of(e.instruction)) for e in rows]
-    random.Random(seed).shuffle(rows)
-    if limit:
-        rows = rows[:limit]
-    n_held, n_pub = len(rows) // 10, len(rows) // 5
-    held, public, private = rows[:n_held], rows[n_held : n_held + n_pub], rows[n_held + n_pub :]
-    shards = partition.split_dirichlet(private, st.devices, 0.5, seed)
-    by_kind: dict[str, list[Example]] = {}
-    for e in held:
-        by_kind.setdefault(e.family, []).append(e)
-    return Data(shards, public, by_kind, {})
-
-
-def write_layout(work: Path, d: Data) -> dict[str, Path]:
-    dev_dir = work / "data" / "devices"
-    for i, s in enumerate(d.shards):
-        write_jsonl(dev_dir / f"device-{i}.jsonl", s)
-    write_jsonl(work / "data" / "public.jsonl", d.public)
-    for fam, exs in d.heldout.items():
-        write_jsonl(work / "data" / "eval" / f"{fam}.jsonl", exs)
-    paths = {"devices": dev_dir, "public": work / "data" / "public.jsonl", "eval": work / "data" / "eval"}
-    if d.public_heldout:
-        for fam, exs in d.public_heldout.items():
-            write_jsonl(work / "data" / "public_eval" / f"{fam}.jsonl", exs)
-        paths["public_eval"] = work / "data" / "public_eval"
-    return paths
+    return _alpaca_data(st.devices, seed, limit=limit)
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -169,170 +102,37 @@ def score(model: Any, tok: Any, sets: dict[str, list[Example]], st: Setup) -> di
     ems = [s.exact_match for s in fams.values() if s.exact_match is not None]
     out["exact_match"] = sum(ems) / len(ems) if ems else None
     if st.text:
-        tot_loss, tot_tok = _token_loss(model, tok, exs, st.max_len)
+        tot_loss, tot_tok = token_loss(model, tok, exs, st.max_len)
         out["perplexity"] = math.exp(tot_loss / tot_tok)
-        out["rouge_l"] = rouge_l(model, tok, exs, st)
+        out["rouge_l"] = rouge_l(model, tok, exs, st.max_len, st.gen_tokens)
         # Pure sampling (top-k 0, top-p 1, T 1), as MiniLLM scores long generations, beside greedy.
-        out["rouge_l_sampled"] = rouge_l(model, tok, exs, st, sample=True)
+        out["rouge_l_sampled"] = rouge_l(model, tok, exs, st.max_len, st.gen_tokens, sample=True)
     return out
-
-
-def _token_loss(model: Any, tok: Any, exs: list[Example], max_len: int) -> tuple[float, int]:
-    import torch
-
-    from fl_lm.data import IGNORE, collate, encode_example
-
-    total, n = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(exs), 64):
-            b = collate(tok, [encode_example(tok, e, max_len) for e in exs[i : i + 64]])
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            lab = b["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), lab.reshape(-1),
-                                                             ignore_index=IGNORE, reduction="sum"))
-            n += int((lab != IGNORE).sum())
-    return total, max(1, n)
-
-
-def generate(model: Any, tok: Any, prompts: list[str], st: Setup, sample: bool = False, seed: int = 0) -> list[str]:
-    import torch
-
-    out: list[str] = []
-    old = tok.padding_side
-    tok.padding_side = "left"
-    torch.manual_seed(seed)
-    try:
-        for i in range(0, len(prompts), 32):
-            enc = tok(prompts[i : i + 32], return_tensors="pt", padding=True, truncation=True, max_length=st.max_len,
-                      add_special_tokens=False)
-            with torch.no_grad():
-                g = model.generate(**enc, max_new_tokens=st.gen_tokens, do_sample=sample, top_k=0 if sample else None,
-                                   top_p=1.0 if sample else None, temperature=1.0 if sample else None,
-                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out += tok.batch_decode(g[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tok.padding_side = old
-    return out
-
-
-def rouge_l(model: Any, tok: Any, exs: list[Example], st: Setup, sample: bool = False) -> float:
-    from rouge_score import rouge_scorer
-
-    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    preds = generate(model, tok, [e.prompt for e in exs], st, sample)
-    return sum(sc.score(e.output, p)["rougeL"].fmeasure for e, p in zip(exs, preds)) / len(exs)
-
-
-def text_baselines(tok: Any, train: list[Example], held: list[Example]) -> dict[str, Any]:
-    """Uniform (ln V) and unigram (add-one, fitted on all training responses) cross-entropy per
-    response token, and the ROUGE-L of echoing the input back (the laziest answer)."""
-    from rouge_score import rouge_scorer
-
-    def resp(e: Example) -> list[int]:
-        return tok(e.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-
-    v = len(tok)
-    counts = Counter(t for e in train for t in resp(e))
-    total = sum(counts.values())
-    ce, n = 0.0, 0
-    for e in held:
-        for t in resp(e):
-            ce -= math.log((counts.get(t, 0) + 1) / (total + v))
-            n += 1
-    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    echo = sum(sc.score(e.output, e.input or e.instruction)["rougeL"].fmeasure for e in held) / len(held)
-    return {"uniform": {"loss": math.log(v), "perplexity": float(v)},
-            "unigram": {"loss": ce / n, "perplexity": math.exp(ce / n)},
-            "echo_input_rouge_l": echo}
 
 
 # -- methods ----------------------------------------------------------------------------------
-def lora_spec(st: Setup) -> Any:
-    from shared.messages import LoraSpec
-
-    return LoraSpec(r=st.lora_r, alpha=2.0 * st.lora_r, dropout=0.0, target_modules=LORA_TARGETS)
-
-
 def train_in_process(student: str, examples: list[Example], steps: int, st: Setup, seed: int) -> tuple[Any, Any]:
-    import torch
-
-    from fl_lm.loading import load_model, load_tokenizer
-    from fl_lm.lora import attach_lora
-    from fl_lm.train import train_lora
-
-    torch.set_num_threads(1)
-    tok = load_tokenizer(student)
-    peft = attach_lora(load_model(student), lora_spec(st), seed=seed)
-    train_lora(peft, tok, examples, steps=steps, lr=st.learning_rate, batch_size=st.batch_size, max_len=st.max_len, seed=seed)
+    peft, tok, _ = train_common(student, examples, steps, lr=st.learning_rate, lora_r=st.lora_r, batch_size=st.batch_size,
+                                max_len=st.max_len, seed=seed)
     return peft, tok
-
-
-def balanced(examples: list[Example]) -> list[Example]:
-    """Every family repeated up to the largest one's size, so each is drawn equally often (as the
-    aggregator's distillation draws them): otherwise the big public families would crowd out the
-    devices' ones in the pooled set."""
-    by: dict[str, list[Example]] = {}
-    for e in examples:
-        by.setdefault(e.family, []).append(e)
-    top = max(len(v) for v in by.values())
-    return [v[i % len(v)] for v in by.values() for i in range(top)]
 
 
 def eval_all(model: Any, tok: Any, d: Data, st: Setup) -> dict[str, Any]:
     return {"private": score(model, tok, d.heldout, st), "public": score(model, tok, d.public_heldout, st) if d.public_heldout else None}
 
 
-def mean_of(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Average a list of eval_all results (numbers only), e.g. over local-only devices."""
-    def avg(xs: list[Any]) -> Any:
-        if all(isinstance(x, dict) for x in xs):
-            return {k: avg([x[k] for x in xs]) for k in xs[0]}
-        nums = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)]
-        return sum(nums) / len(nums) if nums else None
-
-    return avg(results)
-
-
-def load_checkpoint(base: str, ckpt: Path) -> tuple[Any, Any]:
-    from peft import PeftModel
-
-    from fl_lm.loading import load_model, load_tokenizer
-
-    return PeftModel.from_pretrained(load_model(base), str(ckpt)), load_tokenizer(base)
-
-
 def run_sim(work: Path, name: str, layout: dict[str, Path], student: str, teacher: str | None, mode: str, st: Setup,
             seed: int, quick: bool) -> dict[str, Any]:
-    from aggregator.record import read
-    from fl_sim.run import SimSettings, finish, launch
+    from fl_sim.run import SimSettings
 
-    out = work / name
-    s = SimSettings(devices=st.devices, rounds=st.rounds, out=str(out), data=str(layout["devices"]),
+    s = SimSettings(devices=st.devices, rounds=st.rounds, out=str(work / name), data=str(layout["devices"]),
                     public_data=str(layout["public"]), eval_data=str(layout["eval"]),
                     public_eval_data=str(layout["public_eval"]) if "public_eval" in layout else None,
                     student=student, teacher=teacher, mode=mode, local_steps=st.local_steps,
                     learning_rate=st.learning_rate, lora_r=st.lora_r, distil_steps=st.distil_steps, distil_lr=st.distil_lr,
                     teacher_lr=st.teacher_lr, seed=seed,
                     eval_per_family=4 if quick else min(st.eval_per_family, 30), round_timeout_s=900.0)
-    t0 = time.monotonic()
-    finish(launch(s))
-    rows = read(out / "metrics.jsonl")
-    state = json.loads((out / "state.json").read_text())
-    rounds = [r for r in rows if r.round > 0]
-    n_dev = max(1, st.devices)
-    up = sum(sum(r.bytes_up.values()) for r in rounds) / n_dev / max(1, len(rounds))
-    down = sum(sum(r.bytes_down.values()) for r in rounds) / n_dev / max(1, len(rounds))
-    return {"out": out, "state": state, "wall_s": round(time.monotonic() - t0, 1), "rounds_ok": sum(r.status == "ok" for r in rounds),
-            "upload_bytes_per_device_per_round": up, "download_bytes_per_device_per_round": down,
-            "distil_s_per_round": (sum(r.distil["seconds"] for r in rounds if r.distil) / len(rounds)) if rounds and rounds[-1].distil else 0.0,
-            "curve": [{"round": r.round, "student_private_loss": r.student.private.mean_loss,
-                       "student_private_em": r.student.private.mean_exact_match,
-                       "student_public_loss": r.student.public.mean_loss if r.student.public else None,
-                       "student_public_em": r.student.public.mean_exact_match if r.student.public else None,
-                       "teacher_private_loss": r.teacher.private.mean_loss if r.teacher else None,
-                       "teacher_private_em": r.teacher.private.mean_exact_match if r.teacher else None}
-                      for r in rows]}
+    return sim_run(s)
 
 
 def one_seed(st: Setup, seed: int, work: Path, methods: list[str], quick: bool) -> dict[str, Any]:

@@ -41,7 +41,11 @@ def generate(args: argparse.Namespace) -> None:
     server = Server(store, providers=profile.ort_providers, threads=profile.torch_threads)
     s = Sampling(max_new_tokens=args.max_new_tokens, greedy=not args.sample, temperature=args.temperature,
                  top_p=args.top_p, seed=args.seed)
-    sys.stdout.write(json.dumps(server.generate(args.prompt, s)) + "\n")
+    if args.instruction is not None:
+        out = server.instruct(args.instruction, args.input, s)
+    else:
+        out = server.generate(args.prompt, s)
+    sys.stdout.write(json.dumps(out) + "\n")
 
 
 def plan(args: argparse.Namespace) -> None:
@@ -78,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile", default=None, help="device profile name or file (overrides the config's)")
     run.add_argument("--data", default=None, help="the private examples (overrides the config's data)")
     gen = sub.add_parser("generate", help="answer a prompt from the current ONNX release (onnxruntime)")
-    gen.add_argument("prompt")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("prompt", nargs="?", help="the text to continue, as it is")
+    what.add_argument("--instruction", help="an instruction, formatted as training formatted them (the chat template "
+                                            "where the release's tokenizer has one, else the Alpaca template)")
+    gen.add_argument("--input", default="", help="with --instruction: its input (context)")
     gen.add_argument("--config", required=True, help="device config: keys, fleet and where releases are installed")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

@@ -25,11 +25,12 @@ import numpy as np
 
 from edge_client import state as device_state
 from edge_client import train_checkpoint, update_builder
-from edge_client.budget import BudgetExceeded, Declined, NonFiniteUpdate, check_model, local_steps
+from edge_client.budget import BudgetExceeded, Declined, NonFiniteUpdate, local_steps
 from edge_client.config import EdgeConfig
 from shared import messages as M
 from shared import authority, secagg, secure, sparse, tensors, topics, update_codec
 from shared.secagg import hardened
+from shared.secagg.floors import BelowFloor, Floors
 from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, UploadJournal, decode_frame
 from shared.crypto import load_private_keys, load_public_keys
 from shared.crypto import signed_payload as crypto_payload
@@ -58,6 +59,13 @@ class EdgeClient:
         if cfg.insecure:
             log.warning("%s: SECURITY OFF (insecure = true): updates go unencrypted and unsigned, "
                         "announcements are not verified. Debug use only.", cfg.device_id)
+        # Floors the aggregator's round spec cannot lower (shared.secagg.floors): the profile's,
+        # with the config's where it sets them.
+        self.floors = cfg.floors(Floors(self.profile.secagg_min_cohort, self.profile.secagg_min_threshold,
+                                        self.profile.secagg_colluders))
+        if self.authority is not None and cfg.allow_plain_rounds:
+            log.warning("%s: allow_plain_rounds = true: this device takes rounds WITHOUT secure aggregation, in which "
+                        "the aggregator sees its update", cfg.device_id)
         self.policy = ChunkPolicy(max_message_bytes=cfg.chunk_bytes)
         self.outbox = UploadJournal(self.work / "outbox")
         self.downloads = Reassembler(max_transfers=4, max_transfer_bytes=1 << 30, max_total_bytes=1 << 30)
@@ -68,7 +76,9 @@ class EdgeClient:
         self._peft: Any = None
         self._lora: M.LoraSpec | None = None
         self._checkpointing = False
+        self.placement: Any = None  # fl_lm.device.Placement: where and at which dtype the student runs
         self.shape: Any = None  # edge_client.planner.ModelShape of the student, from its config
+        self._stop_reason = "stopped"  # the detail of the "offline" status this process leaves with
         self.digest = ""
         self.link: Any = None
         # Secure-aggregation round in progress: its spec and the protocol state between stages.
@@ -112,7 +122,16 @@ class EdgeClient:
         except (OSError, ValueError) as e:
             log.warning("%s: ignoring unreadable residual %s: %s", self.cfg.device_id, p, e)
             return None
-        return r.astype(np.float32) if r.ndim == 1 else None
+        if r.ndim != 1:
+            return None
+        if not np.isfinite(r).all():
+            # One NaN in it would poison every later update; it is delayed mass, so dropping it
+            # loses only what was not sent yet. Removed, so it is never raised again.
+            log.warning("%s: the error-feedback residual %s holds %d non-finite values: dropped, a fresh one starts",
+                        self.cfg.device_id, p, int(r.size - np.count_nonzero(np.isfinite(r))))
+            p.unlink(missing_ok=True)
+            return None
+        return r.astype(np.float32)
 
     def _save_residual(self, r: np.ndarray) -> None:
         tmp = self.work / "residual.npy.tmp"
@@ -123,33 +142,47 @@ class EdgeClient:
 
     # -- model ---------------------------------------------------------------------------------
     def load_model(self) -> None:
+        """Check, plan and load the student, before connecting: what cannot work here is refused
+        in one line (a ConfigError) and nothing is published."""
         import torch
 
-        from fl_lm.loading import base_digest, check_model_source, load_model, load_tokenizer
+        from fl_lm import device
+        from fl_lm.loading import base_digest, check_model_source, digest_reads_files, load_model, load_tokenizer
 
         from edge_client import environment, planner
 
-        check_model_source(self.cfg.student, "student")  # one line naming what is wrong, not a hub error
-        for w in environment.check(self.profile):
-            log.warning("%s: %s", self.cfg.device_id, w)
-        if self.profile.torch_threads:
-            torch.set_num_threads(self.profile.torch_threads)
-        # Planned from the config alone, before a byte of the model is allocated: a base that
-        # cannot fit even the smallest training setting is refused here, in one line.
-        self.shape = planner.shape_of(self.cfg.student)
-        check_model(self.profile, self.shape.params)
-        planner.plan(self.profile, self.shape, planner.SMALLEST_LORA)
-        self._tok = load_tokenizer(self.cfg.student)
-        bits = self.profile.quant_bits
+        me, src, prof = self.cfg.device_id, self.cfg.student, self.profile
+        check_model_source(src, "student")  # one line naming what is wrong, not a hub error
+        for w in environment.check(prof):
+            log.warning("%s: %s", me, w)
+        if prof.torch_threads:
+            torch.set_num_threads(prof.torch_threads)
+        # One policy for where the student runs (fl_lm.device): a profile with a GPU that finds
+        # none says so once and runs on the CPU; an explicit cuda that is absent is refused.
+        expect = f"{me}: profile {prof.name} (sm_{prof.compute_capability.replace('.', '')})" if prof.compute_capability else ""
+        self.placement = pl = device.resolve(self.cfg.device, self.cfg.dtype, expect_gpu=expect)
+        # Planned from the config alone, at the dtype training will run at, before a byte of the
+        # model is allocated: a base that cannot fit even the smallest setting is refused here,
+        # in one line. The planner is the only size limit.
+        self.shape = planner.shape_of(src)
+        planner.plan(prof, self.shape, planner.SMALLEST_LORA, pl)
+        self._tok = load_tokenizer(src)
+        bits = prof.quant_bits
         if bits < 16:
             from fl_lm.quantized import load_quantized
 
-            self._model = load_quantized(self.cfg.student, bits)
+            self._model = load_quantized(src, bits, placement=pl)
+            self.digest = base_digest(self._model, src)
         else:
-            self._model = load_model(self.cfg.student)
-        self.digest = base_digest(self._model, self.cfg.student)
-        log.info("%s: student %s loaded (%d params, digest %s), %d private examples",
-                 self.cfg.device_id, self.cfg.student, self.shape.params, self.digest[:12], len(self.examples))
+            # The frozen base at the compute dtype (half the memory on a GPU, as planned); the
+            # digest must be the aggregator's float32 one, so a base whose digest is taken from
+            # the weights in memory (not from its files) is loaded in float32 and cast after.
+            from_files = digest_reads_files(src)
+            self._model = load_model(src, dtype=pl.weights_dtype if from_files else "float32")
+            self.digest = base_digest(self._model, src)
+            self._model = device.place(self._model.to(getattr(torch, pl.weights_dtype)), pl)
+        log.info("%s: student %s loaded (%d params, digest %s) on %s (%s), %d private examples",
+                 me, src, self.shape.params, self.digest[:12], pl.describe(), pl.reason, len(self.examples))
 
     def _peft_for(self, spec: M.LoraSpec) -> Any:
         from fl_lm.lora import attach_lora
@@ -167,6 +200,8 @@ class EdgeClient:
         With the round's ``announcement`` as it arrived (plain rounds), training is checkpointed,
         and continues from a checkpoint of this very round and run if there is one.
         """
+        import torch
+
         from fl_lm.lora import get_adapter, set_adapter, sub
         from fl_lm.train import train_lora
 
@@ -176,7 +211,7 @@ class EdgeClient:
 
         steps = local_steps(self.profile, spec)
         try:
-            p = planner.plan(self.profile, self.shape, spec.lora)  # the largest setting that fits, or decline
+            p = planner.plan(self.profile, self.shape, spec.lora, self.placement)  # the largest setting that fits, or decline
         except planner.PlanError as e:
             raise BudgetExceeded(f"round {spec.round} (LoRA r {spec.lora.r}) {e}") from None
         s = p.setting
@@ -204,8 +239,14 @@ class EdgeClient:
                 resume, header = ck.state, ck.header
             writer = train_checkpoint.Writer(self.work, header, self.cfg.checkpoint_every_s)
         t0 = time.monotonic()
-        res = train_lora(peft, self._tok, self.examples, steps=steps, lr=spec.learning_rate,
-                         batch_size=s.batch, max_len=s.seq, seed=seed, resume=resume, after_step=writer)
+        try:
+            res = train_lora(peft, self._tok, self.examples, steps=steps, lr=spec.learning_rate,
+                             batch_size=s.batch, max_len=s.seq, seed=seed, resume=resume, after_step=writer)
+        except torch.OutOfMemoryError as e:  # a GPU's allocator says so; a CPU's kernel kills instead
+            torch.cuda.empty_cache()
+            first = (str(e).strip().splitlines() or ["out of memory"])[0][:200]
+            raise Declined(f"round {spec.round}: out of GPU memory at batch {s.batch} x seq {s.seq} (planned peak "
+                           f"{p.predicted['peak'] / (1 << 30):.2f} GB of {p.budget / (1 << 30):.2f}): {first}") from None
         # From here the update is built from the trained adapter, and the outbox carries it: a
         # restart must not train this round again (its update may be on its way).
         train_checkpoint.discard(self.work)
@@ -356,9 +397,32 @@ class EdgeClient:
         self.link = MqttLink(c.device_id, c.broker, username=c.username, password=c.password, ca_file=c.ca_file,
                              protocol=c.protocol, will=(topics.up(c.device_id, "status"), self._status("offline", "connection lost")),
                              allow_plaintext_password=c.allow_plaintext_password)
-        self.link.connect(c.connect_timeout_s)
+        self._connect_with_retries()
         self.link.birth = (topics.up(c.device_id, "status"), self._status("online", RECONNECTED))
         self.on_connected()
+
+    def _connect_with_retries(self) -> None:
+        """The first connect, retried with backoff for ``connect_retry_s``: a broker that is not up
+        yet, a network that comes later, or a TLS check that fails on a clock that is being set
+        ("certificate is not yet valid") must not end the device process. Each failure is one line."""
+        from fl_mqtt.link import LinkError
+
+        c = self.cfg
+        deadline = time.monotonic() + c.connect_retry_s
+        delay = 1.0
+        while True:
+            try:
+                self.link.connect(c.connect_timeout_s)
+                return
+            except LinkError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                wait = min(delay, left)
+                log.warning("%s: %s; retrying in %.0fs (gives up after connect_retry_s = %.0fs)", c.device_id, e, wait,
+                            c.connect_retry_s)
+                time.sleep(wait)
+                delay = min(delay * 2, 30.0)
 
     def on_connected(self) -> None:
         """A new process with its link up: subscribe, say what it is, finish half-done uploads."""
@@ -432,6 +496,7 @@ class EdgeClient:
             if kind == "shutdown":
                 msg = self._unwrap(payload, M.Shutdown, secure.BROADCAST, self._not_past_round)
                 log.info("%s: aggregator shut down (%s)", me, msg.reason)  # type: ignore[attr-defined]
+                self._stop_reason = f"aggregator shut down ({msg.reason})"  # type: ignore[attr-defined]
                 return False
             if kind == "secagg":
                 msg = self._unwrap(payload, M.SecAggMsg, me, self._secagg_round)
@@ -449,8 +514,9 @@ class EdgeClient:
         except (secagg.SecAggAbort, ConfigError) as e:
             log.warning("%s: secure aggregation of round %s aborted: %s", me, self.last_round, e)
             self.sa_spec = self.sa_state = None
+            self.publish_status("declined", f"secure aggregation aborted: {e}"[:500])  # nobody waits for us
             return True
-        except hardened.PeerVerificationError as e:
+        except (hardened.PeerVerificationError, BelowFloor) as e:
             # A peer's advert that does not verify, or survivors nobody agrees on: the aggregator
             # (or someone on its path) is not following the protocol. Keep the secrets, leave.
             log.error("%s: refusing secure aggregation of round %s: %s", me, self.last_round, e)
@@ -464,9 +530,18 @@ class EdgeClient:
         if me not in spec.participants:
             return True
         self._seen_round(spec.round)
+        why = self.below_floor(spec)
+        if why:
+            log.error("%s: refusing round %d: %s", me, spec.round, why)
+            self.publish_status("declined", f"refused: {why}")
+            return True
         if spec.secagg is not None:
             try:
                 self.start_secagg(spec)
+            except BelowFloor as e:
+                log.error("%s: refusing round %d: %s", me, spec.round, e)
+                self.sa_spec = self.sa_state = None
+                self.publish_status("declined", f"refused: {e}")
             except (ProtocolError, ConfigError) as e:
                 log.warning("%s: cannot join secure aggregation of round %d: %s", me, spec.round, e)
                 self.sa_spec = self.sa_state = None
@@ -474,6 +549,18 @@ class EdgeClient:
             return True
         self.plain_round(spec, payload)
         return True
+
+    def below_floor(self, spec: M.RoundSpec) -> str:
+        """Why this device refuses the round whatever else it says, or "" (secure rounds are also
+        checked against the floors when the device advertises: ``hardened.client_advertise``)."""
+        if self.cfg.insecure or self.authority is None or self.cfg.allow_plain_rounds:
+            return ""  # no authority key: this device cannot take secure rounds at all
+        if spec.secagg is None:
+            return (f"round {spec.round} without secure aggregation: the aggregator would see this device's update "
+                    "(this device requires secure aggregation; allow_plain_rounds = false)")
+        if spec.sparse.method == "device_topk":
+            return "per-device top-k (device_topk) reveals which coordinates this device sends"
+        return ""
 
     def plain_round(self, spec: M.RoundSpec, announcement: bytes, detail: str = "") -> None:
         """Train a round without secure aggregation and send its update (or decline it)."""
@@ -557,7 +644,7 @@ class EdgeClient:
                 raise ConfigError("no fleet-authority key or certificate (authority_keys, cert): this device cannot "
                                   "check its peers, so it does not take part in secure aggregation")
             self.sa_ident = hardened.Identity(device_of=dict(zip(sa.node_ids, spec.participants)), authority=self.authority,
-                                              keys=self.keys, cert=self.cert)
+                                              keys=self.keys, cert=self.cert, floors=self.floors)
             self.sa_state, adv = hardened.client_advertise(params, node, self.sa_ident)  # type: ignore[assignment]
         self.sa_spec, self.sa_built = spec, None
         self._send_secagg(spec.round, secagg.encode(adv))
@@ -576,6 +663,11 @@ class EdgeClient:
             st, out = secagg.client_share_keys(state.inner, inner)
             self.sa_state = replace(state, inner=st)
             self._send_secagg(spec.round, secagg.encode(out))
+        elif isinstance(inner, hardened.AdvertList):
+            if ident is None:
+                raise SchemaError("an advert list in a semi-honest round")
+            self.sa_state, reveal = hardened.client_reveal(state, inner, ident)
+            self._send_secagg(spec.round, secagg.encode(reveal))
         elif isinstance(inner, hardened.SignedKeys):
             if ident is None:
                 raise SchemaError("signed keys in a semi-honest round")
@@ -646,8 +738,19 @@ class EdgeClient:
                 self.publish_status("declined", f"cannot score the rollouts: {e}")
                 self.sa_spec = self.sa_state = None
                 return
-        built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples),
-                                      train_loss=res.mean_loss, scores=scores)
+        try:
+            built = update_builder.secure(self._flat(spec, delta), self.residual, spec.sparse, sa, len(self.examples),
+                                          train_loss=res.mean_loss, scores=scores)
+        except (ValueError, SchemaError, ConfigError) as e:
+            # Whatever goes wrong after the device joined the round, it says so: the round moves
+            # on at once instead of waiting out its update deadline for this device.
+            log.warning("%s: declining round %d: %s", me, spec.round, e)
+            if isinstance(e, update_builder.NonFiniteInput) and self.residual is not None and not np.isfinite(self.residual).all():
+                self.residual = None  # a poisoned residual is dropped, not carried into the next round
+                (self.work / "residual.npy").unlink(missing_ok=True)
+            self.publish_status("declined", f"{e}"[:500])
+            self.sa_spec = self.sa_state = None
+            return
         assert built.x is not None
         if scores is not None and self.cfg.keep_sent:
             d = self.work / "sent"
@@ -684,6 +787,7 @@ class EdgeClient:
         self.publish_status("online")
 
     def run(self) -> None:
+        # Everything that can be refused is checked before connecting (load_model), in one line.
         self.load_model()
         self.connect()
         idle_since = time.monotonic()
@@ -696,14 +800,28 @@ class EdgeClient:
                 if inc is None:
                     if self.cfg.idle_timeout_s and time.monotonic() - idle_since > self.cfg.idle_timeout_s:
                         log.warning("%s: no message for %.0fs, exiting", self.cfg.device_id, self.cfg.idle_timeout_s)
+                        self._stop_reason = f"no message for {self.cfg.idle_timeout_s:g}s (idle_timeout_s)"
                         break
                     continue
                 idle_since = time.monotonic()
                 if not self.handle(inc.topic, inc.payload):
                     break
+        except BaseException as e:
+            # Whatever stops the process (a bug, a GPU fault, Ctrl-C) is the offline status's
+            # detail, in one line, so the aggregator's round record says why this device left.
+            self._stop_reason = stop_reason(e)
+            raise
         finally:
             try:
-                self.publish_status("offline", "stopped", timeout=5)
+                self.publish_status("offline", self._stop_reason, timeout=5)
             except Exception as e:  # best effort on the way out; the will covers a dead link
                 log.debug("could not publish offline status: %s", e)
             self.link.close()
+
+
+def stop_reason(e: BaseException) -> str:
+    """One line saying why a device process stopped, for its signed "offline" status."""
+    if isinstance(e, KeyboardInterrupt):
+        return "stopped: interrupted"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"stopped: {type(e).__name__}{': ' + first if first else ''}"[:500]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fl_lm.device import check_setting
 from shared.config import load_file, require
+from shared.secagg.floors import Floors
 from shared.topics import check_device_id
 
 
@@ -37,6 +39,9 @@ class EdgeConfig:
     releases_dir: str | None = None  # installed ONNX releases; default work_dir/releases
     chunk_bytes: int = 256 * 1024  # largest MQTT payload we send; bigger ones are chunked
     connect_timeout_s: float = 10.0
+    # How long the first connect is retried (backoff 1 s doubling to 30 s, one line a failure)
+    # before the process gives up: a broker started later, or a clock being set, is not fatal.
+    connect_retry_s: float = 600.0
     idle_timeout_s: float = 0.0  # exit after this long without a message; 0 = never
     # Audit: keep a plaintext copy of each round's contribution under work_dir/sent/ (it never
     # leaves the device; an auditor compares it with what the aggregator could compute).
@@ -47,6 +52,20 @@ class EdgeConfig:
     # about 140 MB (the fp32 adapter, its two AdamW moments, and the announcement with the global
     # adapter), too much for flash every few steps.
     checkpoint_every_s: float = 30.0
+    # Where this device runs its student (fl_lm.device): auto (CUDA where torch sees a GPU, else
+    # the CPU, with one warning line when the profile expects a GPU), cpu, cuda or cuda:N (refused
+    # at start when absent). dtype: auto (bf16 autocast where the GPU has it, fp16 on older GPUs,
+    # float32 on the CPU), or float32, bfloat16, float16; the planner counts the one used.
+    device: str = "auto"
+    dtype: str = "auto"
+    # Secure-aggregation floors (shared.secagg.floors), held by the device because the aggregator
+    # may lie: each one, when set, replaces the profile's. With an authority key (secure rounds
+    # possible) a round without secure aggregation is refused too, unless ``allow_plain_rounds``:
+    # in a plain round the aggregator sees this device's update (logged loudly at start).
+    secagg_min_cohort: int | None = None
+    secagg_min_threshold: float | None = None
+    secagg_colluders: int | None = None
+    allow_plain_rounds: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -59,8 +78,17 @@ class EdgeConfig:
                     "keys and aggregator_keys are required (run `fl-edge keygen`); set insecure = true only for debugging")
         require(4096 <= self.chunk_bytes <= 256 * 1024 * 1024, f"chunk_bytes must be in 4096..268435456, got {self.chunk_bytes}")
         require(self.connect_timeout_s > 0, f"connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        require(self.connect_retry_s >= 0, f"connect_retry_s must be >= 0, got {self.connect_retry_s}")
         require(self.idle_timeout_s >= 0, f"idle_timeout_s must be >= 0, got {self.idle_timeout_s}")
         require(self.checkpoint_every_s >= 0, f"checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
+        check_setting(self.device, self.dtype)
+        self.floors(Floors())  # validates the floors that are set
+
+    def floors(self, profile: Floors) -> Floors:
+        """The profile's floors, with this config's where it sets them."""
+        return Floors(profile.min_cohort if self.secagg_min_cohort is None else self.secagg_min_cohort,
+                      profile.min_threshold if self.secagg_min_threshold is None else self.secagg_min_threshold,
+                      profile.colluders if self.secagg_colluders is None else self.secagg_colluders)
 
 
 def load(path: str) -> EdgeConfig:

@@ -56,17 +56,15 @@ def check(profile: DeviceProfile, gpu: tuple[str, str] | None | bool = True, jet
     jetpack = _jetpack_major() if jetpack is True else jetpack or None
     power = _power_mode() if power is True else power or None
     out: list[str] = []
-    if profile.compute_capability:
-        if gpu is None:
-            out.append(f"profile {profile.name} expects a CUDA GPU (sm_{profile.compute_capability.replace('.', '')}) "
-                       "but torch sees none: training runs on the CPU, far slower than planned")
-        else:
-            cc, cuda = gpu
-            if cc != profile.compute_capability:
-                out.append(f"profile {profile.name} is for compute capability {profile.compute_capability}, this GPU is {cc}")
-            if cuda and cuda.split(".")[:2] != profile.cuda.split(".")[:2]:
-                out.append(f"profile {profile.name} expects CUDA {profile.cuda}; torch was built for CUDA {cuda}")
-    elif gpu is not None:
+    # A profile's GPU that torch does not see is the device policy's line (fl_lm.device.resolve:
+    # one warning, then the CPU), said where the student is placed, not twice.
+    if profile.compute_capability and gpu is not None:
+        cc, cuda = gpu
+        if cc != profile.compute_capability:
+            out.append(f"profile {profile.name} is for compute capability {profile.compute_capability}, this GPU is {cc}")
+        if cuda and cuda.split(".")[:2] != profile.cuda.split(".")[:2]:
+            out.append(f"profile {profile.name} expects CUDA {profile.cuda}; torch was built for CUDA {cuda}")
+    elif not profile.compute_capability and gpu is not None:
         out.append(f"profile {profile.name} plans for the CPU, but this machine has a CUDA GPU ({gpu[0]}): "
                    "pick the profile of this device")
     if profile.jetpack and jetpack is not None and jetpack != profile.jetpack.split(".")[0]:

@@ -12,6 +12,10 @@ The peak is the sum of:
   layer's input plus one layer recomputed;
 - the logits and the loss's float32 copies (tokens x vocabulary);
 - for generation (scoring rollouts, serving), the KV cache instead of the training terms.
+Weights and activations count at the dtype the device policy (``fl_lm.device``) runs them at:
+2 bytes under bf16/fp16 autocast on a GPU (the frozen base is loaded at that dtype), 4 in
+float32 on a CPU. There is no parameter cap beside this: whether a device can train a student
+is what the plan says.
 The activation and logit terms carry two fitted factors (``ACT_OVERHEAD``, ``LOGIT_F32_COPIES``):
 ``benchmarks/edge_train.py`` measured the RSS high-water mark and its results say how close the
 prediction is on configurations the fit did not use.
@@ -24,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from fl_lm import device
 from shared.errors import ConfigError
 from shared.messages import LoraSpec
 from shared.profiles import DeviceProfile
@@ -138,9 +143,14 @@ class Setting:
     checkpointing: bool
 
 
-def predict(shape: ModelShape, s: Setting, lora: LoraSpec, *, cuda: bool) -> dict[str, int]:
-    """Bytes of each part of the peak, and ``peak`` (training or generation, whichever is larger)."""
-    wb = 2 if cuda else 4  # fp16/bf16 on a GPU; float32 on CPU (bf16 matmuls are slow there)
+def predict(shape: ModelShape, s: Setting, lora: LoraSpec, *, cuda: bool, compute_bytes: int | None = None) -> dict[str, int]:
+    """Bytes of each part of the peak, and ``peak`` (training or generation, whichever is larger).
+
+    ``compute_bytes``: of the frozen base's weights and of the activations, as the device policy
+    runs them (``fl_lm.device.Placement.compute_bytes``: 2 under bf16/fp16 autocast, 4 in float32);
+    by default what ``auto`` gives: 2 on a GPU, 4 on the CPU.
+    """
+    wb = compute_bytes or (2 if cuda else 4)
     tokens = s.batch * s.seq
     meta = 2 * wb / GROUP  # scale and zero per group
     qbytes = {16: wb, 8: 1 + meta, 4: 0.5 + meta}[s.bits]
@@ -172,10 +182,12 @@ class Plan:
     setting: Setting
     lora: LoraSpec
     predicted: dict[str, int]
+    placement: device.Placement = device.CPU  # where and at which dtype the plan assumes training runs
 
     def to_json(self) -> dict[str, Any]:
         return {"profile": self.profile, "budget_bytes": self.budget, "fits": self.predicted["peak"] <= self.budget,
                 **dataclasses.asdict(self.setting), "lora_rank": self.lora.r, "lora_targets": list(self.lora.target_modules),
+                "device": self.placement.device, "compute_dtype": self.placement.autocast_dtype or "float32",
                 "predicted_bytes": self.predicted}
 
     def text(self) -> str:
@@ -184,6 +196,7 @@ class Plan:
                  f"plan: batch {s.batch} x seq {s.seq}, base {('%d-bit HQQ' % s.bits) if s.bits < 16 else 'unquantized'}, "
                  f"gradient checkpointing {'on' if s.checkpointing else 'off'}, LoRA r {self.lora.r} on "
                  f"{', '.join(self.lora.target_modules)}",
+                 f"compute: {self.placement.describe()} ({self.placement.reason})",
                  f"predicted peak {p['peak'] / GB:.2f} GB ({100 * p['peak'] / self.budget:.0f}% of the budget):"]
         lines += [f"  {k:26s} {v / MB:10.1f} MB" for k, v in p.items() if k != "peak"]
         return "\n".join(lines)
@@ -198,18 +211,24 @@ def _settings(profile: DeviceProfile) -> list[Setting]:
     return sorted(cands, key=lambda x: (-(x.batch * x.seq), -x.seq, x.checkpointing))
 
 
-def plan(profile: DeviceProfile, shape: ModelShape, lora: LoraSpec) -> Plan:
-    """The largest setting whose predicted peak fits the profile's budget, or PlanError."""
-    cuda = bool(profile.compute_capability)
+def plan(profile: DeviceProfile, shape: ModelShape, lora: LoraSpec, placement: device.Placement | None = None) -> Plan:
+    """The largest setting whose predicted peak fits the profile's budget, or PlanError.
+
+    ``placement``: where training actually runs (``fl_lm.device.resolve`` on the device), so the
+    dtype counted is the one used; by default the profile's own hardware (``device.expected``):
+    bf16 or fp16 on its GPU, float32 on a CPU profile.
+    """
+    pl = placement or device.expected(profile.compute_capability)
+    cuda, wb = pl.is_cuda, pl.compute_bytes
     budget = profile.budget_bytes
     cands = _settings(profile)
     for s in cands:
-        pred = predict(shape, s, lora, cuda=cuda)
+        pred = predict(shape, s, lora, cuda=cuda, compute_bytes=wb)
         if pred["peak"] <= budget:
-            return Plan(profile.name, budget, s, lora, pred)
+            return Plan(profile.name, budget, s, lora, pred, pl)
     smallest = min(cands, key=lambda x: (x.batch * x.seq, not x.checkpointing))
-    pred = predict(shape, smallest, lora, cuda=cuda)
+    pred = predict(shape, smallest, lora, cuda=cuda, compute_bytes=wb)
     parts = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in sorted(pred.items(), key=lambda kv: -kv[1]) if k != "peak" and v)
     raise PlanError(f"does not fit profile {profile.name}: even batch {smallest.batch} x seq {smallest.seq}"
                     f"{' with gradient checkpointing' if smallest.checkpointing else ''} needs {pred['peak'] / GB:.2f} GB "
-                    f"of the {budget / GB:.2f} GB budget ({parts})")
+                    f"of the {budget / GB:.2f} GB budget ({parts}; on {pl.describe()})")

@@ -47,3 +47,10 @@ class Server:
             assert self.lm is not None
             text = self.lm.generate(prompt, s)
             return {"release_id": self.release_id, "text": text}
+
+    def instruct(self, instruction: str, input_text: str = "", s: Sampling = Sampling()) -> dict[str, Any]:
+        """Answer an instruction in the prompt format the student was trained with (``OnnxLM.instruction_prompt``)."""
+        with self._lock:
+            assert self.lm is not None
+            text = self.lm.generate(self.lm.instruction_prompt(instruction, input_text), s)
+            return {"release_id": self.release_id, "text": text}

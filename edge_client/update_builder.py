@@ -17,6 +17,10 @@ from shared import sparse, update_codec
 from shared.secagg.quant import quantize
 
 
+class NonFiniteInput(ValueError):
+    """The contribution holds NaN or Inf after it was built: it must not be masked."""
+
+
 @dataclass(frozen=True)
 class Built:
     """One round's contribution.
@@ -85,6 +89,11 @@ def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa:
     if scores is not None:
         x_float = np.concatenate([x_float, update_codec.scores_to_ring(scores, w, sa.clip)])
     x_float = np.concatenate([x_float, update_codec.tail(w, train_loss, sa.clip)])
+    bad = int(np.size(x_float) - np.count_nonzero(np.isfinite(x_float)))
+    if bad or not np.isfinite(new_residual).all():
+        # After the device's own check of its delta (a NaN from the residual, the scores, a
+        # bug): once masked nobody could tell, and the sum would be garbage.
+        raise NonFiniteInput(f"non-finite secure input: {bad} of {x_float.size} values are NaN or Inf after clipping")
     # Fresh OS entropy by default: a reproducible rounding pattern would be a side channel.
     x = quantize(x_float, update_codec.quant_config(sa), rng_seed if rng_seed is not None else np.random.SeedSequence())
     return Built(sent=sparse.scatter(values, idx, sp.dim), residual=new_residual, x=x, clipped=clipped)

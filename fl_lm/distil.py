@@ -157,7 +157,9 @@ class Distiller:
         k = s.top_k if 0 < s.top_k < picked.size(-1) else picked.size(-1)
         val, gid = (picked.float() / s.temperature).topk(k, dim=-1)  # (B, T, K)
         probs = torch.softmax(val, dim=-1)  # FedMKT: softmax over the kept top-k
-        dense = torch.zeros((b, t, v_l), dtype=torch.float32)
+        if self.g2l.device != gid.device:
+            self.g2l = self.g2l.to(gid.device)  # once: the map follows the models to their device
+        dense = torch.zeros((b, t, v_l), dtype=torch.float32, device=probs.device)
         dense.scatter_add_(-1, self.g2l[gid], probs)  # (B, T, Vl): ids mapped, duplicates merged
         onehot = torch.zeros_like(dense).scatter_(-1, labels.clamp_min(0)[:, :, None], 1.0)
         dense = torch.where((pos >= 0)[:, :, None], dense, onehot)
@@ -176,14 +178,21 @@ class Distiller:
         """
         import torch
 
+        from fl_lm.device import of_model
+
+        g_pl = of_model(guide)
         with torch.no_grad():
-            g_logits = guide(input_ids=batch["g_ids"], attention_mask=batch["g_mask"]).logits.float()  # (B, Tg, Vg)
+            with g_pl.autocast():
+                g_logits = guide(input_ids=batch["g_ids"], attention_mask=batch["g_mask"]).logits
+            g_logits = g_logits.float()  # (B, Tg, Vg)
             g_nll = kd.sample_ce(g_logits[:, :-1], batch["g_labels"][:, 1:]) * _n_resp(batch["g_labels"])  # (B,)
             target = self._target(g_logits, batch, s)
             if anchor is None:
-                return target, torch.ones(batch["ids"].size(0))
+                return target, torch.ones(batch["ids"].size(0), device=batch["ids"].device)
             lab = batch["labels"][:, 1:]
-            a_logits = anchor(input_ids=batch["ids"], attention_mask=batch["mask"]).logits.float()[:, :-1]  # (B, T, V)
+            with of_model(anchor).autocast():
+                a_logits = anchor(input_ids=batch["ids"], attention_mask=batch["mask"]).logits
+            a_logits = a_logits.float()[:, :-1]  # (B, T, V)
             a_nll = kd.sample_ce(a_logits, lab) * _n_resp(batch["labels"])  # (B,)
             w = kd.select_other(a_nll, g_nll).float()  # (B,)
             own = kd.topk_target(a_logits, target.idx.size(-1), s.temperature)
@@ -191,18 +200,26 @@ class Distiller:
             return kd.Target(idx=torch.where(pick, target.idx, own.idx), logp=torch.where(pick, target.logp, own.logp)), w
 
     def run(self, learner: Any, guide: Any, s: KDSettings, seed: int) -> PhaseStats:
-        """``s.steps`` AdamW steps on the learner's trainable (LoRA) weights; the guide is frozen."""
+        """``s.steps`` AdamW steps on the learner's trainable (LoRA) weights; the guide is frozen.
+
+        Both run where they were placed (``fl_lm.device``; the same device, as the aggregator
+        places them): batches go there, forward passes are autocast, the losses are float32.
+        """
         import copy
 
         import torch
+
+        from fl_lm.device import Stepper, of_model
 
         t0 = time.monotonic()
         params = [p for p in learner.parameters() if p.requires_grad]
         if s.steps == 0 or not params:
             return PhaseStats(0, 0.0, float("nan"), float("nan"), float("nan"), float("nan"), 0.0)
+        pl = of_model(learner)
         # The learner as the phase found it: the self-target of samples it fits better than the guide.
         anchor = copy.deepcopy(learner).eval() if s.selective else None
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+        step = Stepper(pl, params, opt, max_norm=1.0)
         rng = random.Random(seed)
         order: list[int] = []
         losses: list[float] = []
@@ -219,24 +236,23 @@ class Distiller:
                     rng.shuffle(more)
                     order += more * max(1, -(-s.batch_size // len(more)))
                 chosen, order = order[: s.batch_size], order[s.batch_size :]
-            batch = self._collate([self.pairs[i] for i in chosen])
+            batch = pl.put(self._collate([self.pairs[i] for i in chosen]))
             target, w = self.targets(guide, anchor, batch, s)
             learner.train()
-            logits = learner(input_ids=batch["ids"], attention_mask=batch["mask"]).logits  # (B, T, Vl)
+            with pl.autocast():
+                logits = learner(input_ids=batch["ids"], attention_mask=batch["mask"]).logits  # (B, T, Vl)
             lg, lab = logits[:, :-1], batch["labels"][:, 1:]
-            lm = kd.lm_loss(lg, lab)
+            lm = kd.lm_loss(lg, lab)  # the losses upcast to float32 themselves
             kdl = kd.kd_loss(lg, target, lab, s.kind, s.beta, s.temperature)
             loss = kd.mixed(lm, kdl, s.kd_alpha)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            step(loss)
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             kds.append(float(kdl.detach()))
             picked += int(w.sum())
             total += len(chosen)
         learner.eval()
-        head = max(1, min(5, len(losses)))
+        head = max(1, min(5, len(losses) // 2))  # first and last are different steps, also in a short phase
         return PhaseStats(steps=len(losses), seconds=round(time.monotonic() - t0, 3),
                           first_loss=float(np.mean(losses[:head])), last_loss=float(np.mean(losses[-head:])),
                           kd_first=float(np.mean(kds[:head])), kd_last=float(np.mean(kds[-head:])),

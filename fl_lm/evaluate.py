@@ -1,4 +1,8 @@
-"""Held-out evaluation per task family: response-token loss and greedy exact match."""
+"""Held-out evaluation per task family: response-token loss and greedy exact match.
+
+Runs where the model was placed (``fl_lm.device``): batches go to its device and forward passes
+(generation too) are autocast at its dtype; the loss is taken in float32.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ class FamilyScore:
 def evaluate(model: Any, tok: Any, examples: list[Example], max_len: int = 128, batch_size: int = 32) -> dict[str, FamilyScore]:
     import torch
 
+    from fl_lm.device import of_model
+
+    pl = of_model(model)
     by_fam: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
         by_fam[e.family].append(e)
@@ -33,8 +40,10 @@ def evaluate(model: Any, tok: Any, examples: list[Example], max_len: int = 128, 
         for fam, exs in sorted(by_fam.items()):
             tot_loss, tot_tok = 0.0, 0
             for i in range(0, len(exs), batch_size):
-                batch = collate(tok, [encode_example(tok, e, max_len) for e in exs[i : i + batch_size]])
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+                batch = pl.put(collate(tok, [encode_example(tok, e, max_len) for e in exs[i : i + batch_size]]))
+                with pl.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+                logits = logits.float()
                 labels = batch["labels"][:, 1:]  # (B, T-1)
                 lp = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -46,6 +55,9 @@ def evaluate(model: Any, tok: Any, examples: list[Example], max_len: int = 128, 
 
 
 def _exact_match(model: Any, tok: Any, exs: list[Example], max_len: int, batch_size: int) -> float | None:
+    from fl_lm.device import of_model
+
+    pl = of_model(model)
     short = [e for e in exs if e.prompt and len(tok(e.output, add_special_tokens=False)["input_ids"]) <= SHORT_ANSWER_TOKENS]
     if not short:
         return None
@@ -57,10 +69,12 @@ def _exact_match(model: Any, tok: Any, exs: list[Example], max_len: int, batch_s
             chunk = short[i : i + batch_size]
             enc = tok([prompt_text(tok, e) for e in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_len, add_special_tokens=False)
             want = max(len(tok(e.output, add_special_tokens=False)["input_ids"]) for e in chunk) + 2
-            gen = model.generate(
-                **enc, max_new_tokens=want, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
-            )
-            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            with pl.autocast():
+                gen = model.generate(
+                    **pl.put(dict(enc)), max_new_tokens=want, do_sample=False, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id
+                )
+            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :].cpu(), skip_special_tokens=True)
             hits += sum(t.strip() == e.output.strip() for t, e in zip(texts, chunk))
     finally:
         tok.padding_side = old_side
@@ -71,13 +85,17 @@ def answers(model: Any, tok: Any, exs: list[Example], max_len: int = 128, max_ne
     """The model's greedy answer to each example's prompt (for a person to read beside the reference)."""
     import torch
 
+    from fl_lm.device import of_model
+
+    pl = of_model(model)
     out = []
     with torch.no_grad():
         for e in exs:
             enc = tok([prompt_text(tok, e) or " "], return_tensors="pt", truncation=True, max_length=max_len, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out.append(tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+            with pl.autocast():
+                gen = model.generate(**pl.put(dict(enc)), max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out.append(tok.decode(gen[0, enc["input_ids"].shape[1] :].cpu(), skip_special_tokens=True).strip())
     return out
 
 

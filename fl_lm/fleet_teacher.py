@@ -81,7 +81,7 @@ def from_mean(vec: np.ndarray, b: int, n: int, k: int, mask: Any) -> FleetTarget
     if vec.shape != (vector_len(b, n, k),):
         raise ValueError(f"fleet vector has {vec.shape[0] if vec.ndim == 1 else vec.shape} values, "
                          f"expected {vector_len(b, n, k)} = {b} x {n} x ({k} + 1)")
-    t = torch.from_numpy(np.clip(vec, 0.0, None).reshape(b, n, k + 1)).float()  # (B, N, K+1)
+    t = torch.from_numpy(np.clip(vec, 0.0, None).reshape(b, n, k + 1)).float().to(mask.device)  # (B, N, K+1)
     t = t * mask.float()[..., None]
     total = t.sum(-1, keepdim=True)  # (B, N, 1)
     t = torch.where(total > 0, t / total.clamp_min(_FLOOR), t)
@@ -101,10 +101,14 @@ def score_rollouts(model: Any, ids: np.ndarray, cand: np.ndarray, mask: np.ndarr
     """A device's side of a client-teacher round: its (locally trained) model's scoring vector.
 
     ids (B, P + N), cand (B, N, K), mask (B, N), from the signed round spec; returns
-    ``to_vector`` of its bucket probabilities, B*N*(K+1) values in [0, 1].
+    ``to_vector`` of its bucket probabilities, B*N*(K+1) values in [0, 1]. Scored where the model
+    was placed (``fl_lm.device``), autocast; the vector comes back to the host.
     """
     import torch
 
+    from fl_lm.device import of_model
+
+    pl = of_model(model)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if ids.min() < 0 or ids.max() >= vocab or cand.min() < 0 or cand.max() >= vocab:
         raise ValueError(f"rollout or candidate ids outside this model's vocabulary of {vocab}")
@@ -113,12 +117,13 @@ def score_rollouts(model: Any, ids: np.ndarray, cand: np.ndarray, mask: np.ndarr
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits  # (B, P+N, V)
+            with pl.autocast():
+                logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long, device=pl.device)).logits  # (B, P+N, V)
             resp = logits[:, prompt_len - 1 : prompt_len - 1 + n]  # (B, N, V): distribution of response token n
-            probs, rest = score(resp, torch.as_tensor(cand, dtype=torch.long))
+            probs, rest = score(resp, torch.as_tensor(cand, dtype=torch.long, device=pl.device))
     finally:
         model.train(was_training)
-    return to_vector(probs, rest, torch.as_tensor(mask, dtype=torch.bool))
+    return to_vector(probs, rest, torch.as_tensor(mask, dtype=torch.bool, device=pl.device))
 
 
 def fleet_step(model: Any, optimizer: Any, ids: Any, prompt_len: int, cand: Any, mask: Any, target: FleetTarget,
@@ -134,8 +139,11 @@ def fleet_step(model: Any, optimizer: Any, ids: Any, prompt_len: int, cand: Any,
 
     from fl_lm import kd
     from fl_lm import minillm as ml
+    from fl_lm.device import Stepper, of_model
 
     s = settings
+    pl = of_model(model)
+    lm_batch = pl.put(lm_batch) if lm_batch is not None else None
     tokens = ids[:, prompt_len:]  # (B, N)
     with torch.no_grad():
         rewards = ml.token_rewards(token_logp(target, cand, tokens), old_logp, mask)  # (B, N)
@@ -144,6 +152,7 @@ def fleet_step(model: Any, optimizer: Any, ids: Any, prompt_len: int, cand: Any,
             adv = ml.whiten(adv, mask)
     zero = torch.zeros_like(old_logp)
     params = [p for p in model.parameters() if p.requires_grad]
+    step = Stepper(pl, params, optimizer, max_norm=1.0)
     model.train()
     stats: dict[str, float] = {}
     for _ in range(s.ppo_epochs):
@@ -153,13 +162,12 @@ def fleet_step(model: Any, optimizer: Any, ids: Any, prompt_len: int, cand: Any,
         loss = single + pg
         lm = torch.zeros(())
         if lm_batch is not None and s.lm_coef > 0:
-            out = model(input_ids=lm_batch["input_ids"], attention_mask=lm_batch.get("attention_mask")).logits
+            with pl.autocast():
+                out = model(input_ids=lm_batch["input_ids"], attention_mask=lm_batch.get("attention_mask")).logits
             lm = kd.lm_loss(out[:, :-1], lm_batch["labels"][:, 1:])
             loss = loss + s.lm_coef * lm
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        step(loss)
         stats = {"loss": float(loss.detach()), "single_step": float(single.detach()), "pg": float(pg.detach()),
                  "lm": float(lm.detach())}
     optimizer.zero_grad(set_to_none=True)

@@ -79,7 +79,7 @@ def base_digest(model: Any, source: str | None = None) -> str:
     is computed from the files, one tensor at a time: a device that loads its base quantized
     (fl_lm.quantized) proves which base it has without a float copy to hash.
     """
-    if source is not None and Path(source).is_dir() and sorted(Path(source).glob("*.safetensors")):
+    if source is not None and digest_reads_files(source):
         return file_digest(Path(source))
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -89,6 +89,12 @@ def base_digest(model: Any, source: str | None = None) -> str:
         h.update(np.asarray(arr.shape, dtype=np.int64).tobytes())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def digest_reads_files(source: str) -> bool:
+    """Whether ``base_digest`` of ``source`` comes from its files, whatever dtype it is loaded in
+    (a local directory of safetensors), rather than from the weights in memory."""
+    return Path(source).is_dir() and bool(sorted(Path(source).glob("*.safetensors")))
 
 
 def file_digest(directory: Path) -> str:

@@ -64,8 +64,15 @@ def token_logp(logits: Any, tokens: Any) -> Any:
 
 
 def response_logits(model: Any, ids: Any, prompt_len: int) -> Any:
-    """The model's logits at the response positions of ``ids``: (B, P+N) -> (B, N, V)."""
-    return model(input_ids=ids).logits[:, prompt_len - 1 : -1].float()
+    """The model's logits at the response positions of ``ids``: (B, P+N) -> (B, N, V), float32.
+
+    The forward pass is autocast at the model's placement (``fl_lm.device``); ``ids`` must be on
+    its device."""
+    from fl_lm.device import of_model
+
+    with of_model(model).autocast():
+        logits = model(input_ids=ids).logits
+    return logits[:, prompt_len - 1 : -1].float()
 
 
 def _reverse_kl(student: Any, teacher: Any) -> Any:
@@ -108,7 +115,13 @@ def mixed_sample(student_logits: Any, teacher_logits: Any, alpha: float, generat
     a = torch.tensor(alpha, dtype=lq_t.dtype, device=lq_t.device)
     log_mix = torch.logaddexp(torch.log(a) + lp_t, torch.log1p(-a) + lq_t)  # (..., V); log(0) = -inf is fine here
     flat = log_mix.reshape(-1, log_mix.size(-1)).exp()  # (M, V)
-    y = torch.multinomial(flat, 1, generator=generator).reshape(log_mix.shape[:-1])  # (...)
+    if generator is not None and generator.device != flat.device:
+        # A seeded host generator drives the draw wherever the models run, so a seed gives the
+        # same samples on a GPU as on the CPU (given the same probabilities).
+        y = torch.multinomial(flat.cpu(), 1, generator=generator).to(flat.device)
+    else:
+        y = torch.multinomial(flat, 1, generator=generator)
+    y = y.reshape(log_mix.shape[:-1])  # (...)
     lq = torch.log_softmax(s, -1).gather(-1, y[..., None])[..., 0]  # (...)
     return y, lq - log_mix.gather(-1, y[..., None])[..., 0]
 
@@ -131,19 +144,25 @@ def generate_mixed(student: Any, teacher: Any, prompt_ids: Any, max_new_tokens: 
     position ids are needed; both models must share the vocabulary. There is no KV cache: each new
     token is a full forward of both models, fine for short responses and tiny models, and it keeps
     this usable with any callable returning ``.logits``. Rows that emitted eos are padded with eos
-    (masked out); sampling stops early when every row has. Runs without autograd.
+    (masked out); sampling stops early when every row has. Runs without autograd, where the
+    student was placed (``fl_lm.device``): ``prompt_ids`` go to its device, forwards are autocast.
     """
     import torch
 
+    from fl_lm.device import of_model
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = prompt_ids
+    s_pl, t_pl = of_model(student), of_model(teacher)
+    ids = prompt_ids.to(s_pl.device)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)  # (B,)
     log_ws = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            s = student(input_ids=ids).logits[:, -1]  # (B, V)
-            t = teacher(input_ids=ids).logits[:, -1] if alpha > 0 else s  # the teacher is not needed at α = 0
+            with s_pl.autocast():
+                s = student(input_ids=ids).logits[:, -1].float()  # (B, V)
+            with t_pl.autocast():
+                t = teacher(input_ids=ids).logits[:, -1].float() if alpha > 0 else s  # the teacher is not needed at α = 0
             y, lw = mixed_sample(s, t, alpha, generator, temperature)  # (B,), (B,)
             if eos_id is not None:
                 y = torch.where(done, torch.full_like(y, eos_id), y)
@@ -329,9 +348,14 @@ def minillm_step(student: Any, teacher: Any, optimizer: Any, prompt_ids: Any, lm
     """
     import torch
 
+    from fl_lm.device import Stepper, of_model
+
     s = settings
     if s.lm_coef > 0 and lm_batch is None:
         raise ValueError("lm_coef > 0 needs an lm_batch of public text")
+    pl = of_model(student)
+    prompt_ids = prompt_ids.to(pl.device)
+    lm_batch = pl.put(lm_batch) if lm_batch is not None else None
     p_len = prompt_ids.size(1)
     teacher.eval()
     student.eval()
@@ -345,19 +369,19 @@ def minillm_step(student: Any, teacher: Any, optimizer: Any, prompt_ids: Any, lm
         if s.whiten:
             adv = whiten(adv, roll.mask)
     params = [p for p in student.parameters() if p.requires_grad]
+    step = Stepper(pl, params, optimizer, max_norm=_CLIP_NORM)
     student.train()
     stats: dict[str, float] = {}
     for _ in range(s.ppo_epochs):
         lm_logits = lm_labels = None
         if lm_batch is not None and s.lm_coef > 0:
-            out = student(input_ids=lm_batch["input_ids"], attention_mask=lm_batch.get("attention_mask")).logits
+            with pl.autocast():
+                out = student(input_ids=lm_batch["input_ids"], attention_mask=lm_batch.get("attention_mask")).logits
             lm_logits, lm_labels = out[:, :-1], lm_batch["labels"][:, 1:]
         loss, stats = minillm_loss(response_logits(student, roll.ids, p_len), t_logits, tokens, roll.mask, old_logp,
                                    roll.log_w, adv, s.clip, s.lm_coef, lm_logits, lm_labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, _CLIP_NORM)
-        optimizer.step()
+        step(loss)
     optimizer.zero_grad(set_to_none=True)
     student.eval()
     m = roll.mask.float()

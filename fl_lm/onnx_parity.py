@@ -8,7 +8,9 @@ argmax at every position), and the held-out loss within ``MAX_INT8_LOSS_RISE`` (
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +19,21 @@ import numpy as np
 MAX_LOGIT_DIFF = 1e-3  # STACK.md measured 3e-6 on these models; 1e-3 still never flips a greedy token here
 MIN_INT8_AGREEMENT = 0.9
 MAX_INT8_LOSS_RISE = 0.05
+
+
+@contextlib.contextmanager
+def _fp32_matmuls() -> Iterator[None]:
+    """CUDA matmuls in full float32 (no TF32) inside, restored after: the gate compares the torch
+    model on its device with an fp32 export, and TF32 rounds matmul inputs to 10 mantissa bits
+    (about 1e-3 relative), the size of ``MAX_LOGIT_DIFF`` itself."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class Parity:
     quantization: str  # none or int8
     passed: bool
     reason: str
+    recipe: str = ""  # int8: the quantization recipe checked (fl_lm.onnx_export.INT8_RECIPES)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,21 +66,27 @@ def _agreement(a: list[int], b: list[int]) -> tuple[int, int]:
 
 def check(model: Any, tok: Any, lm: Any, prompts: list[str], references: list[str], *, quantization: str = "none",
           max_new_tokens: int = 24) -> Parity:
-    """``model`` the merged torch model, ``lm`` an ``OnnxLM`` on the release; references score the loss."""
+    """``model`` the merged torch model, ``lm`` an ``OnnxLM`` on the release; references score the loss.
+
+    The torch side runs on the model's device, in float32 and never autocast: the release is an
+    fp32 export, and bf16 logits alone differ from it by far more than ``MAX_LOGIT_DIFF``.
+    """
     import torch
 
+    from fl_lm.device import of_model
     from fl_lm.onnx_session import Sampling
 
+    dev = of_model(model).device
     model.eval()
     max_diff, identical, same, total, tf_same, tf_total = 0.0, 0, 0, 0, 0, 0
     nll_t = nll_o = 0.0
     n_tok = 0
-    with torch.no_grad():
+    with torch.no_grad(), _fp32_matmuls():
         for prompt, ref in zip(prompts, references):
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
             r_ids = tok(ref, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids = p_ids + r_ids
-            lt = model(torch.tensor([ids])).logits[0].float().numpy()  # (T, V)
+            lt = model(torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()  # (T, V)
             lo, _ = lm.forward(np.array([ids], dtype=np.int64))
             lo = lo[0]
             max_diff = max(max_diff, float(np.abs(lt - lo).max()))
@@ -77,7 +101,8 @@ def check(model: Any, tok: Any, lm: Any, prompts: list[str], references: list[st
                 else:
                     nll_o += nll
             n_tok += len(r_ids)
-            gen = model.generate(torch.tensor([p_ids]), attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),
+            gen = model.generate(torch.tensor([p_ids], device=dev),
+                                 attention_mask=torch.ones(1, len(p_ids), dtype=torch.long, device=dev),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(p_ids):].tolist()
             gen = gen[: gen.index(tok.eos_token_id)] if tok.eos_token_id in gen else gen

@@ -101,6 +101,14 @@ class OnnxLM:
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         return str(self.tok.decode(self.generate_ids(ids, s), skip_special_tokens=True))
 
+    def instruction_prompt(self, instruction: str, input_text: str = "") -> str:
+        """An instruction as the student saw its examples in training (``fl_lm.data.prompt_text``):
+        the release tokenizer's chat template where it has one, else the Alpaca template."""
+        from fl_lm.data import prompt_text
+        from shared.datasets import Example
+
+        return prompt_text(self.tok, Example(instruction, input_text, ""))
+
 
 def _choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if s.greedy:

@@ -49,21 +49,29 @@ def quantize_base(model: Any, bits: int, group_size: int = GROUP_SIZE) -> int:
     return n
 
 
-def load_quantized(id_or_path: str, bits: int, group_size: int = GROUP_SIZE) -> Any:
+def load_quantized(id_or_path: str, bits: int, group_size: int = GROUP_SIZE, placement: Any = None) -> Any:
     """The base, quantized as it loads, as the device loads it: layer by layer from the safetensors
     files, so the peak is the quantized model plus one float layer (benchmarks/edge_train.py).
+
+    On the ``placement``'s device (``fl_lm.device``; by default ``resolve("auto")``), with HQQ's
+    compute dtype and the unquantized layers at its ``weights_dtype``: bf16 or fp16 on a GPU,
+    float32 on the CPU (bf16/fp16 matmuls are many times slower there), as the planner counts.
 
     Why not transformers' ``HqqConfig`` (the fallback below): it maps the whole file and keeps the
     mapping alive through the float embedding that aliases it, so every page read while
     quantizing stays resident. On the 0.5B shape its load peaked at 2.2-3.2 GB, above the 1.9 GB of
     fp32 weights that 4 bits were meant to save."""
+    from fl_lm.device import place, resolve
+
     if bits not in BITS:
         raise ValueError(f"quantized base: bits must be one of {BITS}, got {bits}")
+    pl = placement or resolve("auto")
     try:
-        return _stream_quantized(id_or_path, bits, group_size)
+        model = _stream_quantized(id_or_path, bits, group_size, pl.device, pl.weights_dtype)
     except _NotStreamable as e:
         log.warning("%s: %s; loading through transformers' HqqConfig instead (higher load peak)", id_or_path, e)
-        return _hqq_config_load(id_or_path, bits, group_size)
+        model = _hqq_config_load(id_or_path, bits, group_size, pl.device, pl.weights_dtype)
+    return place(model, pl)
 
 
 class _NotStreamable(Exception):
@@ -86,7 +94,7 @@ def _weight_files(root: Any) -> dict[str, Any]:
         return {k: single for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
 
 
-def _stream_quantized(id_or_path: str, bits: int, group_size: int) -> Any:
+def _stream_quantized(id_or_path: str, bits: int, group_size: int, device: str, dtype_name: str) -> Any:
     from pathlib import Path
 
     import torch
@@ -99,8 +107,7 @@ def _stream_quantized(id_or_path: str, bits: int, group_size: int) -> Any:
     if not root.is_dir():
         raise _NotStreamable("not a local directory")
     where = _weight_files(root)
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    dtype = getattr(torch, dtype_name)
     config = AutoConfig.from_pretrained(str(root))
     with init_empty_weights(include_buffers=False):  # parameters on "meta", buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -154,14 +161,13 @@ def _stream_quantized(id_or_path: str, bits: int, group_size: int) -> Any:
     return model
 
 
-def _hqq_config_load(id_or_path: str, bits: int, group_size: int) -> Any:
+def _hqq_config_load(id_or_path: str, bits: int, group_size: int, device: str, dtype_name: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, HqqConfig
 
-    cuda = torch.cuda.is_available()
     q = HqqConfig(nbits=bits, group_size=group_size, skip_modules=list(SKIP))
-    model = AutoModelForCausalLM.from_pretrained(id_or_path, quantization_config=q, device_map="cuda" if cuda else "cpu",
-                                                 dtype=torch.float16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(id_or_path, quantization_config=q, device_map=device,
+                                                 dtype=getattr(torch, dtype_name))
     model.config.fl_quantized_base = {"method": "hqq", "bits": bits, "group_size": group_size}
     return model
 

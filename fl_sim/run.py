@@ -19,9 +19,11 @@ from aggregator.record import RoundRecord
 from fl_sim import prepare
 from fl_sim.report import write_report
 from shared.config import require
+from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+SIM_PROFILE = "cpu-dev"  # every simulated device's profile (firmware_profiles/cpu-dev.toml)
 # All linear layers and the input embeddings: on the tiny offline student, LoRA without the
 # embeddings learns the private families far slower (benchmarks/README.md, "choosing the set-up").
 SIM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
@@ -73,6 +75,16 @@ class SimSettings:
     value_bits: int = 0  # resolution of each sent value under secure aggregation (0 = finest)
     clip: float = 0.05
     keep_sent: bool = False  # devices keep a plaintext copy of what they contributed (audit/tests)
+    # Sizes the toy pair was tuned with; a real student gets fl_sim.real_pair.REAL_SIZING instead.
+    profile: str = SIM_PROFILE  # every simulated device's profile (firmware_profiles/NAME.toml)
+    lora_targets: tuple[str, ...] = SIM_LORA_TARGETS  # the student's and the teacher's LoRA modules
+    max_seq_len: int = 128  # the aggregator's evaluation, distillation and LM batches (the devices': their profile)
+    eval_batch_size: int = 32  # the aggregator's evaluation batch
+    distil_batch_size: int = 16  # fedkd's distillation batch, both directions
+    minillm_prompts: int = 16  # fl-minillm: public prompts a round (rollouts scored by the fleet, or by the teacher)
+    minillm_new_tokens: int = 12  # fl-minillm: tokens a rollout samples
+    aggregator_threads: int = 1  # torch threads of the aggregator (0: torch's default)
+    release_int8: bool = False  # the ONNX release with int8 weights (its parity gate: fl_lm.onnx_parity)
 
     def __post_init__(self) -> None:
         require(1 <= self.devices <= 64, f"devices must be in 1..64 on one machine, got {self.devices}")
@@ -103,6 +115,13 @@ class SimSettings:
         require(self.distil_lr > 0 and self.teacher_lr > 0, "distil_lr and teacher_lr must be > 0")
         require(self.kd_loss in ("forward_kl", "reverse_kl", "jsd"), f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")
         require(1 <= self.lora_r <= 64, f"lora_r must be in 1..64, got {self.lora_r}")
+        require(bool(self.profile), "profile must name a device profile")
+        require(bool(self.lora_targets) and all(isinstance(t, str) and t for t in self.lora_targets),
+                f"lora_targets must be non-empty module names, got {self.lora_targets!r}")
+        require(16 <= self.max_seq_len <= 131072, f"max_seq_len must be in 16..131072, got {self.max_seq_len}")
+        require(self.eval_batch_size >= 1 and self.distil_batch_size >= 1, "eval_batch_size and distil_batch_size must be >= 1")
+        require(self.minillm_prompts >= 1 and self.minillm_new_tokens >= 1, "minillm_prompts and minillm_new_tokens must be >= 1")
+        require(self.aggregator_threads >= 0, f"aggregator_threads must be >= 0 (0: torch's default), got {self.aggregator_threads}")
         if self.data is not None:
             require(Path(self.data).exists(), f"--data {self.data}: no such file or directory")
         for name in ("public_data", "eval_data", "public_eval_data"):
@@ -117,21 +136,39 @@ class SimSettings:
         return self.quorum if self.quorum is not None else max(1, math.ceil(0.6 * self.devices))
 
 
-def make_keys(keydir: Path, device_ids: list[str]) -> dict[str, str]:
+# The devices' default cohort floor (firmware_profiles/*.toml): a simulation with fewer devices
+# lowers it in their configs, and says so (a sum of two inputs tells each device the other's).
+SECURE_MIN_COHORT = 3
+
+
+def make_keys(keydir: Path, device_ids: list[str], authority_dir: Path | None = None) -> dict[str, str]:
     """Fresh keys for a fleet authority, the aggregator and every device; each device certified by
-    the authority and enrolled, with its certificate, in the registry. (A real fleet keeps the
-    authority's key on another machine: ``fl-authority``.)"""
+    the authority and enrolled, with its certificate, in the registry.
+
+    The authority's private key goes to its own directory, ``authority_dir`` (default: ``authority``
+    beside ``keydir``; 0700, the key 0600), never into ``keydir``, where the aggregator's key is:
+    an aggregator that can read it can certify fake peers and unmask a device. Only its public key
+    is copied into ``keydir`` (``authority_pub``), for the aggregator and the devices to pin. On one
+    machine this is a layout, not a wall (every process runs as one user); a real fleet keeps the
+    authority's key on another machine (``fl-authority``)."""
     from aggregator import registry
     from shared import authority
     from shared.crypto import generate_keys, save_private_keys, save_public_keys
 
+    authdir = authority_dir if authority_dir is not None else keydir.parent / "authority"
     keydir.mkdir(parents=True, exist_ok=True)
+    if authdir.resolve().is_relative_to(keydir.resolve()):
+        raise ConfigError(f"the authority's directory {authdir} must lie outside the aggregator's key directory {keydir}")
+    authdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    authdir.chmod(0o700)  # an existing directory keeps its mode through mkdir
+    (keydir / "authority.key").unlink(missing_ok=True)  # an older run's layout put it beside the aggregator's
     reg = keydir / "registry.json"
     reg.unlink(missing_ok=True)
     auth = generate_keys()
-    save_private_keys(auth, keydir / "authority.key", overwrite=True)
+    save_private_keys(auth, authdir / "authority.key", overwrite=True)
+    save_public_keys(auth.public, authdir / "authority.pub.json")
     save_public_keys(auth.public, keydir / "authority.pub.json")
-    paths = {"authority_pub": str(keydir / "authority.pub.json")}
+    paths = {"authority_pub": str(keydir / "authority.pub.json"), "authority_key": str(authdir / "authority.key")}
     for name in ["aggregator", *device_ids]:
         k = generate_keys()
         paths[name] = str(save_private_keys(k, keydir / f"{name}.key", overwrite=True))
@@ -247,13 +284,15 @@ def forget_old_fleet(out: Path) -> None:
 def launch(s: SimSettings) -> Launched:
     """Prepare data and models, start the broker (unless given), the aggregator and the devices."""
     out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
     if s.student or s.teacher:
         from fl_lm.loading import check_model_source
 
         for what, src in (("--student", s.student), ("--teacher", s.teacher)):
             if src:
                 check_model_source(src, what)
+    if s.student:
+        check_trainable(s.student, s, "--student")  # before any data is prepared or model built
+    out.mkdir(parents=True, exist_ok=True)
     forget_old_fleet(out)
     t0 = time.monotonic()
     if s.data and s.public_data and s.eval_data:
@@ -271,11 +310,17 @@ def launch(s: SimSettings) -> Launched:
     if student is None or (teacher is None and s.mode != "fedit"):
         from fl_sim.models_cli import build_default
 
+        if s.data and student is None:
+            from fl_sim.real_pair import toy_on_real_text_warning
+
+            log.warning("%s", toy_on_real_text_warning())
         log.info("building offline models (tokenizer, student, teacher) from the public set only ...")
         built = build_default(out / "models", s.seed, s.pretrain_steps, public=data.public, generic=not s.data,
                               teacher_pretrain_steps=s.teacher_pretrain_steps, teacher_tokenizer=s.teacher_tokenizer)
         student = student or built["student"]
         teacher = teacher or built["teacher"]
+    if s.student is None:
+        check_trainable(student, s, "the built student")
     baselines = _baselines(student, data, max(s.eval_per_family, 1))
     device_ids = [f"device-{i}" for i in range(s.devices)]
     fleet = Fleet(out)
@@ -307,41 +352,95 @@ def launch(s: SimSettings) -> Launched:
             "rounds": s.rounds, "quorum": s.effective_quorum,
             "min_devices_to_start": s.devices, "wait_for_devices_s": 180.0, "round_timeout_s": s.round_timeout_s,
             "local_steps": s.local_steps, "learning_rate": s.learning_rate, "seed": s.seed, "protocol": protocol,
-            "torch_threads": 1, "eval_max_per_family": max(s.eval_per_family, 1), "keep_received": s.keep_received,
+            "torch_threads": s.aggregator_threads, "eval_max_per_family": max(s.eval_per_family, 1),
+            "eval_batch_size": s.eval_batch_size, "max_seq_len": s.max_seq_len, "keep_received": s.keep_received,
             "secagg": s.secagg, "density": s.density, "sparse_method": s.sparse_method, "value_bits": s.value_bits, "clip": s.clip,
-            "lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
+            "lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(s.lora_targets)},
+            "release": {"int8": s.release_int8},
             "server_optimizer": s.server_optimizer, "server_lr": s.server_lr,
             "mode": s.mode, "public_data": str(paths.public),
-            "secagg_weight_norm": max(len(x) for x in data.shards),
             **({"public_eval_data": str(paths.public_eval_dir)} if paths.public_eval_dir else {}),
-            **({"teacher": teacher, "teacher_lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(SIM_LORA_TARGETS)},
+            **({"teacher": teacher, "teacher_lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "target_modules": list(s.lora_targets)},
                 "distil": {"loss": s.kd_loss, "student_steps": s.distil_steps, "teacher_steps": s.distil_steps,
-                           "student_lr": s.distil_lr, "teacher_lr": s.teacher_lr},
-                "minillm": {"steps": s.minillm_steps, "roles": list(s.minillm_roles)}}
+                           "student_lr": s.distil_lr, "teacher_lr": s.teacher_lr, "batch_size": s.distil_batch_size},
+                "minillm": {"steps": s.minillm_steps, "roles": list(s.minillm_roles), "prompts": s.minillm_prompts,
+                            "max_new_tokens": s.minillm_new_tokens}}
                if s.mode != "fedit" else {}),
             **security["aggregator"], **logins.get("aggregator", {}),
         })
         agg = fleet.start("aggregator", ["-m", "aggregator.cli", "run", "--config", str(agg_cfg)])
         for dev, shard in zip(device_ids, shard_paths):
             cfg = prepare.write_json(out / "config" / f"{dev}.json", {
-                "device_id": dev, "broker": broker, "data": str(shard), "student": student, "profile": "cpu-dev",
+                "device_id": dev, "broker": broker, "data": str(shard), "student": student, "profile": s.profile,
                 "work_dir": str(out / "edge" / dev), "protocol": protocol, "idle_timeout_s": s.round_timeout_s + 600,
                 "keep_sent": s.keep_sent,
+                # Devices refuse a round without secure aggregation unless told they may take one.
+                **({"allow_plain_rounds": True} if not s.secagg else {}),
+                **({"secagg_min_cohort": s.devices} if s.secagg and s.devices < SECURE_MIN_COHORT else {}),
                 **security[dev], **logins.get(dev, {}),
             })
             fleet.start(dev, ["-m", "edge_client.cli", "run", "--config", str(cfg)])
     except BaseException:
         fleet.stop_all(grace=0)
         raise
+    if s.secagg and s.devices < SECURE_MIN_COHORT:
+        log.warning("%d devices: below the devices' default secure-aggregation cohort floor of %d; lowered to %d in "
+                    "their configs (a secure sum of two inputs tells each device the other's)", s.devices,
+                    SECURE_MIN_COHORT, s.devices)
     log.info("started aggregator and %d devices; logs in %s", s.devices, fleet.logs)
     return Launched(s, out, fleet, agg, broker, student, teacher if s.mode != "fedit" else None, device_ids, t0, baselines)
 
 
+def check_trainable(student: str, s: SimSettings, what: str) -> None:
+    """Whether every simulated device's profile can train ``student`` with the rounds' LoRA, asked
+    of the memory planner (as each device will ask it) before any process starts: a ConfigError in
+    one line naming the student, the profile and what does not fit."""
+    from edge_client import planner
+    from fl_lm import device
+    from shared.messages import LoraSpec
+    from shared.profiles import load_profile
+
+    profile = load_profile(s.profile)
+    if s.lora_r > profile.max_lora_rank:
+        raise ConfigError(f"--lora-r {s.lora_r}: device profile {profile.name} allows at most {profile.max_lora_rank}")
+    lora = LoraSpec(r=s.lora_r, alpha=2.0 * s.lora_r, dropout=0.0, target_modules=s.lora_targets)
+    # The devices' configs leave device and dtype at auto: this machine's placement is theirs.
+    placement = device.resolve("auto", "auto")
+    shape = planner.shape_of(student)
+    try:
+        p = planner.plan(profile, shape, lora, placement)
+    except planner.PlanError as e:
+        raise ConfigError(f"{what} {student} ({shape.params / 1e6:,.1f}M params, LoRA r {s.lora_r}) cannot be trained: "
+                          f"{e}") from None
+    log.info("devices (profile %s, %s) will train %s at batch %d x seq %d, predicted peak %.2f of %.2f GB", profile.name,
+             placement.describe(), student, p.setting.batch, p.setting.seq, p.predicted["peak"] / planner.GB,
+             p.budget / planner.GB)
+
+
+def no_round_completed(records: list[dict]) -> str:
+    """"" when a round of the run completed; otherwise one line saying none did, and why (the
+    records are metrics.jsonl's, each with its ``status``: baseline, ok or abandoned)."""
+    rounds = [r for r in records if r.get("status") != "baseline"]
+    if any(r.get("status") == "ok" for r in rounds):
+        return ""
+    if not rounds:
+        return "no round completed: the aggregator recorded none"
+    reasons = sorted({str(r.get("abandon_reason") or r.get("status")) for r in rounds})
+    return f"no round completed: all {len(rounds)} were abandoned ({'; '.join(reasons)})"
+
+
+def _records(metrics: Path) -> list[dict]:
+    if not metrics.exists():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 def finish(run: Launched) -> Path:
-    """Follow progress until the aggregator exits, stop everything, write the report."""
+    """Follow progress until the aggregator exits, stop everything, write the report; a run in
+    which no round completed then fails (RuntimeError, in one line), after its report is written."""
     s = run.settings
     try:
-        _follow(run.out / "metrics.jsonl", run.aggregator, s.rounds)
+        _follow(run.out / "metrics.jsonl", run.aggregator, s.rounds, run.fleet)
         if run.aggregator.returncode != 0:
             raise RuntimeError(f"aggregator exited with code {run.aggregator.returncode}; see {run.fleet.logs / 'aggregator.log'}")
     finally:
@@ -350,7 +449,14 @@ def finish(run: Launched) -> Path:
                 **({"teacher": run.teacher} if run.teacher else {}),
                 "broker": run.broker, "wall_time_s": round(time.monotonic() - run.t0, 1)}
     (run.out / "settings.json").write_text(json.dumps(settings, indent=2))
-    return write_report(run.out, settings, run.baselines)
+    records = _records(run.out / "metrics.jsonl")
+    failed = no_round_completed(records)
+    if not records:  # nothing to report on, not even the baseline
+        raise RuntimeError(f"{failed}; logs in {run.fleet.logs}")
+    report = write_report(run.out, settings, run.baselines)
+    if failed:
+        raise RuntimeError(f"{failed}; report {report}, logs in {run.fleet.logs}")
+    return report
 
 
 def _baselines(student: str, data: prepare.SimData, cap: int) -> dict:
@@ -381,11 +487,36 @@ def _progress(r: RoundRecord, rounds: int) -> str:
     return line
 
 
-def _follow(metrics: Path, agg: subprocess.Popen, rounds: int) -> None:
-    """Show progress as the aggregator writes rounds, until it exits."""
+def _last_error(log_file: Path) -> str:
+    """The last ERROR line of a process's log, else its last line (a traceback's exception): why
+    it stopped, in one line."""
+    try:
+        lines = [x.strip() for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no log"
+    errors = [x for x in lines if " ERROR " in x]
+    return ((errors or lines or ["empty log"])[-1])[:300]
+
+
+def _follow(metrics: Path, agg: subprocess.Popen, rounds: int, fleet: Fleet | None = None) -> None:
+    """Show progress as the aggregator writes rounds, until it exits. A device process that exits
+    with an error is named at once, and when every device has, the run stops (RuntimeError)
+    instead of the aggregator waiting out its timeouts for devices that are gone."""
     seen = 0
+    told: set[int] = set()  # pids whose exit was reported
     while True:
         done = agg.poll() is not None
+        if fleet is not None and not done:
+            devices = {n: p for n, p in fleet.procs.items() if n.startswith("device-")}
+            failed = sorted(n for n, p in devices.items() if p.poll() not in (None, 0))
+            for n in failed:
+                if devices[n].pid not in told:
+                    told.add(devices[n].pid)
+                    log.warning("%s exited with code %d: %s", n, devices[n].returncode, _last_error(fleet.logs / f"{n}.log"))
+            if devices and len(failed) == len(devices):
+                first = failed[0]
+                raise RuntimeError(f"every device exited before the run ended ({first}: {_last_error(fleet.logs / f'{first}.log')}); "
+                                   f"logs in {fleet.logs}")
         if metrics.exists():
             lines = metrics.read_text().splitlines()
             for line in lines[seen:]:

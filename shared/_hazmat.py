@@ -294,7 +294,9 @@ def make_tls_certificates(host: str, days: int) -> tuple[bytes, bytes, bytes, by
     """Return (ca_cert_pem, ca_key_pem, server_cert_pem, server_key_pem)."""
     now = _dt.datetime.now(_dt.timezone.utc)
     # Backdate a little so a broker and clients with slightly skewed clocks accept it at once.
-    not_before = now - _dt.timedelta(minutes=5)
+    # Valid from a day before now: a device whose clock is behind (10 minutes was seen to fail
+    # with "certificate is not yet valid") must still reach the broker; the window is not a secret.
+    not_before = now - _dt.timedelta(days=1)
     not_after = now + _dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

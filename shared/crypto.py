@@ -53,6 +53,7 @@ __all__ = [
     "generate_device_keys",
     "save_private_keys",
     "load_private_keys",
+    "parse_private_keys",
     "save_public_keys",
     "load_public_keys",
     "seal",
@@ -306,7 +307,13 @@ def save_private_keys(keys: DeviceKeys, path: str | os.PathLike[str], *, overwri
 def load_private_keys(path: str | os.PathLike[str]) -> DeviceKeys:
     """Read a private key file; ``KeyFilePermissionError`` if group/others can access it,
     ``SchemaError`` if it is malformed."""
-    obj = _parse_key_json(_read_private(Path(path)), _PRIVATE_FORMAT)
+    return parse_private_keys(_read_private(Path(path)))
+
+
+def parse_private_keys(data: str | bytes) -> DeviceKeys:
+    """Private keys from the text of a key file (``SchemaError`` if malformed). ``load_private_keys``
+    is the way to load one's own keys; this is for checking a file already read, whatever its mode."""
+    obj = _parse_key_json(data, _PRIVATE_FORMAT)
     return DeviceKeys(
         signing_seed=_b64key(obj, "signing_ed25519"), encryption_secret=_b64key(obj, "encryption_x25519")
     )

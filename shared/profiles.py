@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shared.config import from_dict, load_file, require
 from shared.errors import ConfigError
+from shared.secagg.floors import Floors
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
 
@@ -25,7 +26,8 @@ class DeviceProfile:
     GPU torch sees, as are ``cuda``, ``jetpack`` and ``power_mode`` (``edge_client.environment``);
     ``ort_providers`` order onnxruntime's execution providers for the release; ``quant_bits`` and
     ``gradient_checkpointing`` shape the training the planner sizes; the rest cap what a round
-    may ask (``edge_client.budget``).
+    may ask (``edge_client.budget``). There is no parameter cap: whether a profile can train a
+    student is decided by the memory planner from the student's shape.
     """
 
     name: str
@@ -39,7 +41,6 @@ class DeviceProfile:
     ort_providers: tuple[str, ...]  # onnxruntime execution providers, in preference order
     # -- training budget -------------------------------------------------------------------------
     memory_fraction: float  # share of memory_gb local training may use (the rest: OS, desktop, runtime)
-    max_student_params: int  # refuse a base model larger than this
     max_lora_rank: int  # decline rounds asking for a larger rank
     batch_size: int  # largest micro-batch; the planner may choose a smaller one
     max_seq_len: int  # longest training sequence; the planner may choose a shorter one
@@ -47,6 +48,11 @@ class DeviceProfile:
     gradient_checkpointing: bool  # allowed when activations would not fit otherwise
     max_steps_per_round: int  # local steps are capped at this, whatever the round asks
     torch_threads: int  # 0 = let torch decide
+    # -- secure-aggregation floors (shared.secagg.floors): this device's own, whatever the
+    # aggregator's round spec says; the device config can only make them stricter ------------------
+    secagg_min_cohort: int = 3  # fewest participants in a round, and survivors it signs for
+    secagg_min_threshold: float = 2 / 3  # t >= ceil(this * k), k the neighbourhood size
+    secagg_colluders: int = 0  # colluders c it wants tolerated in its neighbourhood: t > (k + c) / 2
 
     def __post_init__(self) -> None:
         require(self.memory_gb > 0, f"memory_gb must be > 0, got {self.memory_gb}")
@@ -56,15 +62,18 @@ class DeviceProfile:
         require(self.cuda == "" or _is_version(self.cuda, 2), f"cuda must be like \"12.6\" or empty, got {self.cuda!r}")
         require(self.jetpack == "" or _is_version(self.jetpack, 3), f"jetpack must be like \"6.2\" or empty, got {self.jetpack!r}")
         require(bool(self.compute_capability) == bool(self.cuda), "compute_capability and cuda go together (both or neither)")
-        require(self.max_student_params > 0, f"max_student_params must be > 0, got {self.max_student_params}")
         require(1 <= self.max_lora_rank <= 1024, f"max_lora_rank must be in 1..1024, got {self.max_lora_rank}")
         require(1 <= self.batch_size <= 4096, f"batch_size must be in 1..4096, got {self.batch_size}")
         require(16 <= self.max_seq_len <= 131072, f"max_seq_len must be in 16..131072, got {self.max_seq_len}")
         require(self.quant_bits in (4, 8, 16), f"quant_bits must be 4, 8 or 16, got {self.quant_bits}")
         require(self.max_steps_per_round >= 1, f"max_steps_per_round must be >= 1, got {self.max_steps_per_round}")
         require(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
+        self.secagg_floors()  # validates the three floors
         require(bool(self.ort_providers), "ort_providers must not be empty")
         require(self.ort_providers[-1] == "CPUExecutionProvider", "ort_providers must end with CPUExecutionProvider (the fallback)")
+
+    def secagg_floors(self) -> Floors:
+        return Floors(self.secagg_min_cohort, self.secagg_min_threshold, self.secagg_colluders)
 
     @property
     def budget_bytes(self) -> int:

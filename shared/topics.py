@@ -6,9 +6,10 @@ Layout (``{d}`` is a device id):
 - ``flm/v1/down/{d}/{kind}`` aggregator -> one device
 - ``flm/v1/up/{d}/{kind}``   one device -> aggregator (status, updates, chunks)
 
-Broker ACLs follow the same shape: a device may write only under ``up/{its id}/``, read only
-``down/{its id}/`` and ``bcast/``; the aggregator reads ``up/#`` and writes ``down/#`` and
-``bcast/#``. Device ids are one topic level, so they may not contain ``/``, ``+`` or ``#``.
+Broker ACLs follow the same shape: a device may write only its own ``up/{its id}/{kind}`` for
+the kinds in ``UP_KINDS``, read only ``down/{its id}/`` and ``bcast/``; the aggregator reads
+``up/#`` and writes ``down/#`` and ``bcast/#`` (and, to clear retained junk, the non-presence
+upload kinds). Device ids are one topic level, so they may not contain ``/``, ``+`` or ``#``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ KIND_RE = re.compile(r"^[a-z0-9_]{1,32}$")
 UP = "up"
 DOWN = "down"
 BCAST = "bcast"
+
+# What a device publishes under ``up/{d}/``: its presence (the only retained message, with its
+# last will), updates, chunks of large uploads, secure-aggregation stage messages.
+PRESENCE = "status"
+UP_KINDS = (PRESENCE, "update", "chunk", "secagg")
 
 
 def check_device_id(device_id: str) -> str:
@@ -67,6 +73,20 @@ def down_filter(device_id: str) -> str:
 
 def bcast_filter() -> str:
     return f"{PREFIX}/{BCAST}/#"
+
+
+def up_device(topic: str) -> str | None:
+    """The device level of a topic under ``{PREFIX}/up/``, if it is a valid device id (the rest of
+    the topic may be malformed); None otherwise. For naming who left something on a topic."""
+    if not is_up(topic):
+        return None
+    dev = topic[len(PREFIX) + len(UP) + 2 :].split("/", 1)[0]
+    return dev if DEVICE_ID_RE.match(dev) else None
+
+
+def is_up(topic: str) -> bool:
+    """Whether ``topic`` lies under the upload prefix (well-formed or not)."""
+    return topic.startswith(f"{PREFIX}/{UP}/")
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,14 @@ def scores_from_sum(summed: np.ndarray, weight: float, clip: float) -> np.ndarra
     return (np.asarray(summed, dtype=np.float64) / weight / clip + 1.0) / 2.0
 
 
+def clamp_loss(train_loss: float) -> float:
+    """A training loss into [0, LOSS_CAP] (non-finite: the cap), as both kinds of round count it."""
+    return min(max(float(train_loss), 0.0), LOSS_CAP) if np.isfinite(train_loss) else LOSS_CAP
+
+
 def tail(w: float, train_loss: float, clip: float) -> np.ndarray:
     """The masked tail of one device: weight and weighted loss, scaled into [0, clip]."""
-    loss = min(max(float(train_loss), 0.0), LOSS_CAP) if np.isfinite(train_loss) else LOSS_CAP
-    return np.array([w * clip, w * loss / LOSS_CAP * clip], dtype=np.float64)
+    return np.array([w * clip, w * clamp_loss(train_loss) / LOSS_CAP * clip], dtype=np.float64)
 
 
 def untail(summed: np.ndarray, clip: float) -> tuple[float, float]:
@@ -117,8 +121,19 @@ def quant_config(sa: M.SecAggSpec) -> QuantConfig:
 
 
 def weight(num_examples: int, norm: int) -> float:
-    """A device's FedAvg weight scaled into [0, 1], so weighted values stay inside the clip range."""
+    """A device's FedAvg weight scaled into [0, 1], so weighted values stay inside the clip range.
+
+    The aggregator sends ``weight_norm = 1``: every device with data weighs exactly 1, so the
+    summed weight slot must equal the number of contributors (``slot_bounds``)."""
     return min(max(num_examples, 0), norm) / norm
+
+
+def slot_bounds(sp: M.SparseSpec, sa: M.SecAggSpec, sc: M.ScoringSpec | None, n: int) -> dict[str, tuple[float, float]]:
+    """What the decoded sum of each named slot of n honest devices' inputs can be, before the
+    quantization bound: values and scores in [-n clip, n clip], the sketch and the loss in
+    [0, n clip], the weight exactly n clip (each device weighs 1)."""
+    c = n * sa.clip
+    return {"values": (-c, c), "sketch": (0.0, c), "scores": (-c, c), "weight": (c, c), "loss": (0.0, c)}
 
 
 def encode_values(values: np.ndarray, dtype: str) -> bytes:

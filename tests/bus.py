@@ -75,11 +75,11 @@ class FakeLink:
 
 
 class DropPlan:
-    """Which device dies before which stage in the current round: advertise, share, receipt,
-    masked, consistency, unmask."""
+    """Which device dies before which stage in the current round: advertise, reveal, share,
+    receipt, masked, consistency, unmask."""
 
     # The device's secagg uploads in order (the hardened round); "masked" is the update.
-    ORDER = ("advertise", "share", "receipt", "consistency", "unmask")
+    ORDER = ("advertise", "reveal", "share", "receipt", "consistency", "unmask")
 
     def __init__(self) -> None:
         self.drops: dict[str, str] = {}

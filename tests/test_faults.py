@@ -141,7 +141,8 @@ def test_aggregator_killed_mid_round_and_restarted(when: str, tiny_models: dict[
     finally:
         run.fleet.stop_all(grace=0)
     rounds = _rounds(run.out)
-    assert [(r["round"], r["status"]) for r in rounds] == [(1, "ok"), (3, "ok")]
+    # Round 2, cut short by the kill, has its own record now (issue 23): only the store's phases showed it.
+    assert [(r["round"], r["status"]) for r in rounds] == [(1, "ok"), (2, "interrupted"), (3, "ok")]
     assert rounds[-1]["received"] == ["device-0", "device-1", "device-2"]
     log = (run.fleet.logs / "aggregator-restarted.log").read_text()
     assert "round 2 was announced but did not complete" in log
@@ -249,9 +250,10 @@ def _check_round_is_the_mean_of_its_accepted_updates(run: Launched, rnd: int) ->
     before, after = load_adapter(checkpoint_dir(run.out, prev)), load_adapter(checkpoint_dir(run.out, rnd))
     layout = sparse.Layout.from_tensors(before)
     agg = json.loads((run.out / "config" / "aggregator.json").read_text())
-    norm = agg["secagg_weight_norm"]
     n = {d: len(load_file(json.loads((run.out / "config" / f"{d}.json").read_text())["data"])) for d in rec["received"]}
-    w = {d: update_codec.weight(n[d], norm) for d in n} if rec["secagg"] else n
+    # Secure rounds weigh every device 1; plain rounds by examples, capped (AggregatorConfig.max_weight_examples).
+    cap = agg.get("max_weight_examples", 1000)
+    w = {d: 1 for d in n} if rec["secagg"] else {d: min(c, cap) for d, c in n.items()}
     sent = {d: np.load(run.out / "edge" / d / "sent" / f"round_{rnd:04d}.npy") for d in rec["received"]}
     expected = sum(w[d] * sent[d].astype(np.float64) for d in w) / sum(w.values())
     got = sparse.flatten(after, layout).astype(np.float64) - sparse.flatten(before, layout)
@@ -259,7 +261,7 @@ def _check_round_is_the_mean_of_its_accepted_updates(run: Launched, rnd: int) ->
     if rec["secagg"]:
         ring, vbits = update_codec.ring_for(len(rec["participants"]), agg.get("value_bits", 0))
         spec = M.SecAggSpec(node_ids=tuple(range(len(rec["participants"]))), threshold=2, graph_seed=bytes(32),
-                            clip=agg["clip"], ring_bits=ring, value_bits=vbits, weight_norm=norm, sketch_block=0)
+                            clip=agg["clip"], ring_bits=ring, value_bits=vbits, weight_norm=1, sketch_block=0)
         bound = error_bound(update_codec.quant_config(spec), len(w)) / sum(w.values())
     bound += 2 * np.finfo(np.float32).eps * float(np.abs(sparse.flatten(after, layout)).max() + np.abs(expected).max())
     assert np.abs(got - expected).max() <= bound, (rnd, float(np.abs(got - expected).max()), bound)

@@ -17,7 +17,8 @@ import pytest
 
 from shared import update_codec
 from shared.secagg.quant import error_bound
-from tests.test_secure_rounds import CHI2_255, N, _build_fleet, _check_sum, _chi2_bytes, _round
+from tests.secure_fleet import N, build_fleet, check_sum, run_round
+from tests.test_secure_rounds import CHI2_255, _chi2_bytes
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def fleet(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
 
     root = tmp_path_factory.mktemp("fleet_teacher")
     # _build_fleet writes the simulation's data (public set included) under root/data.
-    return _build_fleet(tiny_models, root, mode="fl-minillm", teacher=tiny_models["teacher"],
+    return build_fleet(tiny_models, root, mode="fl-minillm", teacher=tiny_models["teacher"],
                         public_data=str(root / "data" / "public" / "public.jsonl"),
                         minillm=MiniLLMConfig(roles=("client",), prompts=4, max_new_tokens=5, candidates=6, steps=2,
                                               ppo_epochs=1))
@@ -37,22 +38,20 @@ def _fleet_round(fleet, drops: dict[str, str], monkeypatch: pytest.MonkeyPatch):
     seen: dict[int, np.ndarray] = {}
     real = agg.mode.take_fleet
     monkeypatch.setattr(agg.mode, "take_fleet", lambda rnd, s: (seen.__setitem__(rnd, np.array(s)), real(rnd, s)))
-    rec, before, after = _round(fleet, drops)
+    rec, before, after = run_round(fleet, drops)
     return rec, before, after, seen
 
 
 def _expected(fleet, rec) -> tuple[np.ndarray, float]:
     agg, edges, _, root = fleet
-    n_ex = {e.cfg.device_id: len(e.examples) for e in edges}
-    norm = agg.cfg.secagg_weight_norm
-    w = {d: update_codec.weight(n_ex[d], norm) for d in rec.received}
+    w = {d: 1.0 for d in rec.received}  # every device weighs 1 under secure aggregation
     sent = {d: np.load(root / "edge" / d / "sent" / f"round_{rec.round:04d}_scores.npy") for d in rec.received}
     want = sum(w[d] * sent[d] for d in rec.received) / sum(w.values())
     ring, vbits = update_codec.ring_for(N, agg.cfg.value_bits)
     from shared import messages as M
 
     cfg = update_codec.quant_config(M.SecAggSpec(node_ids=tuple(range(N)), threshold=3, graph_seed=bytes(32),
-                                                 clip=agg.cfg.clip, ring_bits=ring, value_bits=vbits, weight_norm=norm,
+                                                 clip=agg.cfg.clip, ring_bits=ring, value_bits=vbits, weight_norm=1,
                                                  sketch_block=0))
     # scores_from_sum divides the summed error by 2 * total weight * clip
     bound = error_bound(cfg, len(rec.received)) / (2 * sum(w.values()) * agg.cfg.clip) + 1e-9
@@ -63,7 +62,7 @@ def _expected(fleet, rec) -> tuple[np.ndarray, float]:
 def test_the_aggregator_learns_the_fleets_mean_distribution_and_nothing_else(fleet, drops, monkeypatch) -> None:
     rec, before, after, seen = _fleet_round(fleet, drops, monkeypatch)
     assert rec.status == "ok" and len(rec.received) == N - len(drops)
-    _check_sum(fleet, rec, before, after)  # the update part is as exact as ever
+    check_sum(fleet, rec, before, after)  # the update part is as exact as ever
     got = seen[rec.round]
     want, bound = _expected(fleet, rec)
     assert got.shape == want.shape and np.count_nonzero(want) > 0.5 * want.size

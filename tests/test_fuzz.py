@@ -47,12 +47,17 @@ SEEDS = [
 # The hardened round's message kinds (issue 9), each a seed of its own for the mutators.
 _H = secagg.hardened
 HARDENED = [
-    _H.SignedAdvertise(round_id=2, sender=0, c_pk=bytes(32), s_pk=bytes(range(32)), cert=b"c" * 150, sig=b"s" * 145),
-    _H.SignedKeys(round_id=2, recipient=0, digests=((0, bytes(32)), (1, bytes(range(32)))),
-                  keys=(secagg.messages.SignedEntry(1, bytes(32), bytes(32), b"c" * 150, b"s" * 145),)),
+    _H.SignedAdvertise(round_id=2, sender=0, c_pk=bytes(32), s_pk=bytes(range(32)), commit=b"m" * 32, cert=b"c" * 150,
+                       sig=b"s" * 145),
+    _H.AdvertList(round_id=2, recipient=0, entries=(secagg.messages.ListEntry(0, bytes(32), b"m" * 32),
+                                                     secagg.messages.ListEntry(1, bytes(range(32)), b"n" * 32))),
+    _H.SeedReveal(round_id=2, sender=1, rho=bytes(range(32))),
+    _H.SignedKeys(round_id=2, recipient=0, rhos=((0, bytes(32)), (1, bytes(range(32)))),
+                  keys=(secagg.messages.SignedEntry(1, bytes(32), bytes(32), b"m" * 32, b"c" * 150, b"s" * 145),)),
     _H.ConsistencyRequest(round_id=2, recipient=0, survivors=(0, 1, 2), list_hash=bytes(32)),
     _H.ConsistencySig(round_id=2, sender=1, sig=b"s" * 145),
-    _H.SignedUnmaskRequest(round_id=2, recipient=0, survivors=(0, 1), dropped=(2,), sigs=((1, b"s" * 145),)),
+    _H.SignedUnmaskRequest(round_id=2, recipient=0, survivors=(0, 1), dropped=(2,), sigs=((1, b"s" * 145),),
+                           signers=(secagg.messages.SignedEntry(1, bytes(32), bytes(32), b"m" * 32, b"c" * 150, b"s" * 145),)),
     secagg.BundleReceipt(round_id=2, sender=1, rejected=(0, 3)),
     secagg.MaskPeers(round_id=2, recipient=1, peers=(0, 2, 4)),
 ]

@@ -117,8 +117,8 @@ class FLMiniLLM(WithTeacher):
         b, n, k = cand.shape
         self.pending = {"rnd": rnd, "ids": roll.ids, "p_len": p_len, "cand": cand, "mask": roll.mask, "old_logp": old_logp}
         return M.ScoringSpec(rollouts=b, positions=n, k=k, prompt_len=p_len, tensors=tensors.pack({
-            "ids": roll.ids.numpy().astype(np.int32), "candidates": cand.numpy().astype(np.int32),
-            "mask": roll.mask.numpy().astype(np.uint8)}))
+            "ids": roll.ids.cpu().numpy().astype(np.int32), "candidates": cand.cpu().numpy().astype(np.int32),
+            "mask": roll.mask.cpu().numpy().astype(np.uint8)}))
 
     def take_fleet(self, rnd: int, scores: Any) -> None:
         """Keep the fleet's mean scores for this round's distillation, and write them: they are the

@@ -25,8 +25,9 @@ class WithTeacher:
         self.ctx = ctx
         lora = M.LoraSpec(r=c.teacher_lora.r, alpha=c.teacher_lora.alpha, dropout=c.teacher_lora.dropout,
                           target_modules=c.teacher_lora.target_modules)
+        # Beside the student, on the device the aggregator's config placed it on (fl_lm.device).
         self.teacher = HostedModel("teacher", c.teacher, lora, seed=c.seed + 1, max_seq_len=c.max_seq_len,
-                                   eval_batch_size=c.eval_batch_size)
+                                   eval_batch_size=c.eval_batch_size, placement=ctx.student.placement)
 
     def evaluate(self) -> ModelEvals | None:
         priv = self.teacher.evaluate(self.ctx.eval_private)

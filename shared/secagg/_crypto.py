@@ -58,23 +58,23 @@ def mask_seed(sk: bytes, peer_pk: bytes, round_id: int) -> bytes:
     return _agree(sk, peer_pk, _INFO_MASK, round_id)
 
 
-def _ad(round_id: int, sender: int, recipient: int) -> bytes:
-    return _LABEL + struct.pack(">QII", round_id, sender, recipient)
+def _ad(round_id: int, sender: int, recipient: int, context: bytes = b"") -> bytes:
+    return _LABEL + struct.pack(">QII", round_id, sender, recipient) + context
 
 
-def seal(key: bytes, round_id: int, sender: int, recipient: int, plaintext: bytes) -> bytes:
-    """nonce || ChaCha20-Poly1305(plaintext) with the (round, sender, recipient) binding."""
+def seal(key: bytes, round_id: int, sender: int, recipient: int, plaintext: bytes, context: bytes = b"") -> bytes:
+    """nonce || ChaCha20-Poly1305(plaintext) with the (round, sender, recipient, context) binding."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + _hazmat.chacha20poly1305_encrypt(key, nonce, plaintext, _ad(round_id, sender, recipient))
+    return nonce + _hazmat.chacha20poly1305_encrypt(key, nonce, plaintext, _ad(round_id, sender, recipient, context))
 
 
-def open_sealed(key: bytes, round_id: int, sender: int, recipient: int, blob: bytes) -> bytes:
+def open_sealed(key: bytes, round_id: int, sender: int, recipient: int, blob: bytes, context: bytes = b"") -> bytes:
     """Inverse of ``seal``; every failure is a ``ShareDecryptionError``."""
     if len(blob) < NONCE_BYTES + TAG_BYTES:
         raise ShareDecryptionError(f"ciphertext from {sender} to {recipient} is truncated ({len(blob)} bytes)")
     try:
         return _hazmat.chacha20poly1305_decrypt(key, blob[:NONCE_BYTES], blob[NONCE_BYTES:],
-                                                _ad(round_id, sender, recipient))
+                                                _ad(round_id, sender, recipient, context))
     except _hazmat.CryptoError as exc:
         raise ShareDecryptionError(
             f"share from {sender} to {recipient} in round {round_id} failed authentication") from exc

@@ -8,16 +8,27 @@ rejection sampling rather than numpy, whose shuffle algorithms may differ across
 a Jetson and the cloud.
 
 Convention (as Flower's ``num_shares``): a node's *neighbourhood* has k = 2h + 1 members,
-itself included, with h = ceil(log2 n); its *degree* (other nodes) is 2h. When n <= k the graph
-is complete.
+itself included, with h = ceil(log2 n); its *degree* (other nodes) is 2h. Cohorts of at most
+``COMPLETE_UP_TO`` nodes get the complete graph (k = n): at that size the n-squared cost is small,
+and a neighbourhood that is the whole cohort tolerates far more colluders (c = 2t - k - 1, with k
+the cohort) and leaves nothing to steer. Above it, the ring.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from shared.secagg import prg
+
+# The complete graph up to this many nodes (the README's threat model states the same figure).
+# A protocol constant, not a round setting: both sides must draw the same graph, and an
+# aggregator that could pick a smaller k would pick the neighbourhoods colluders fill fastest.
+COMPLETE_UP_TO = 100
+
+
+def _cutoff(complete_up_to: int | None) -> int:
+    return COMPLETE_UP_TO if complete_up_to is None else complete_up_to
 
 
 def half_width(n: int) -> int:
@@ -25,8 +36,10 @@ def half_width(n: int) -> int:
     return max(1, math.ceil(math.log2(n))) if n > 1 else 0
 
 
-def neighbourhood_size(n: int) -> int:
-    """k = 2*ceil(log2 n) + 1 (self included), capped at n for the complete graph."""
+def neighbourhood_size(n: int, complete_up_to: int | None = None) -> int:
+    """k: the whole cohort up to the cutoff, else 2*ceil(log2 n) + 1 (self included), at most n."""
+    if n <= _cutoff(complete_up_to):
+        return n
     return min(n, 2 * half_width(n) + 1)
 
 
@@ -50,18 +63,31 @@ def _permutation(n: int, seed: bytes) -> list[int]:
     return order
 
 
-def build(node_ids: Sequence[int], seed: bytes) -> dict[int, frozenset[int]]:
-    """Map each node to its neighbourhood (itself included). Symmetric and deterministic."""
+def _ids(node_ids: Iterable[int]) -> list[int]:
     ids = sorted(node_ids)
-    n = len(ids)
-    if len(set(ids)) != n:
+    if len(set(ids)) != len(ids):
         raise ValueError("node ids must be unique")
+    return ids
+
+
+def neighbourhoods_of(node_ids: Iterable[int], seed: bytes, nodes: Iterable[int],
+                      complete_up_to: int | None = None) -> dict[int, frozenset[int]]:
+    """The neighbourhoods of ``nodes`` only (a device needs its own and its neighbours', not n of them)."""
+    ids = _ids(node_ids)
+    n = len(ids)
+    want = list(nodes)
     if n == 0:
         return {}
-    k = neighbourhood_size(n)
-    if k >= n:
+    if neighbourhood_size(n, complete_up_to) >= n:
         everyone = frozenset(ids)
-        return {u: everyone for u in ids}
+        return {u: everyone for u in want}
     h = half_width(n)
     ring = [ids[i] for i in _permutation(n, seed)]
-    return {ring[i]: frozenset(ring[(i + off) % n] for off in range(-h, h + 1)) for i in range(n)}
+    pos = {u: i for i, u in enumerate(ring)}
+    return {u: frozenset(ring[(pos[u] + off) % n] for off in range(-h, h + 1)) for u in want}
+
+
+def build(node_ids: Sequence[int] | Iterable[int], seed: bytes, complete_up_to: int | None = None) -> dict[int, frozenset[int]]:
+    """Map each node to its neighbourhood (itself included). Symmetric and deterministic."""
+    ids = _ids(node_ids)
+    return neighbourhoods_of(ids, seed, ids, complete_up_to)

@@ -18,7 +18,10 @@ from typing import Union
 from shared.errors import SchemaError, TruncatedError, VersionError
 from shared.secagg.shamir import SHARE_BYTES
 
-VERSION = 1
+# 2: adverts commit to a graph-seed contribution (``AdvertList``, ``SeedReveal``), ``SignedKeys``
+# carries the revealed contributions instead of the digest list, and the unmask request carries
+# the adverts of signers outside the recipient's neighbourhood (``shared.secagg.hardened``).
+VERSION = 2
 _MAGIC = b"SA"
 _HEADER = struct.Struct(">2sBBQI")
 _U32 = struct.Struct(">I")
@@ -117,12 +120,14 @@ class UnmaskShares:
 
 @dataclass(frozen=True)
 class SignedAdvertise:
-    """Stage 0, client -> server: the keys, the sender's certificate, and its signature over them."""
+    """Stage 0, client -> server: the keys, a commitment to this node's graph-seed contribution,
+    the sender's certificate, and its signature over them."""
 
     round_id: int
     sender: int
     c_pk: bytes
     s_pk: bytes
+    commit: bytes  # SHA-256 commitment to the 32-byte contribution the node reveals in SeedReveal
     cert: bytes  # shared.authority.Certificate.blob
     sig: bytes  # shared.crypto.sign blob over the advert payload, with the certified key
 
@@ -132,18 +137,45 @@ class SignedEntry:
     node: int
     c_pk: bytes
     s_pk: bytes
+    commit: bytes
     cert: bytes
     sig: bytes
 
 
 @dataclass(frozen=True)
+class ListEntry:
+    node: int
+    digest: bytes  # SHA-256 of the node's encoded SignedAdvertise
+    commit: bytes  # its SignedAdvertise.commit
+
+
+@dataclass(frozen=True)
+class AdvertList:
+    """Stage 0 reply, server -> client: every advert the round counts, fixed before any node
+    reveals its graph-seed contribution (so nobody can pick the set after seeing the seed)."""
+
+    round_id: int
+    recipient: int
+    entries: tuple[ListEntry, ...]  # by node
+
+
+@dataclass(frozen=True)
+class SeedReveal:
+    """Stage 0b, client -> server: the contribution its advert committed to."""
+
+    round_id: int
+    sender: int
+    rho: bytes
+
+
+@dataclass(frozen=True)
 class SignedKeys:
-    """Stage 0 reply, server -> client: the digest of every advert the round counts (the graph
+    """Stage 0b reply, server -> client: every listed node's revealed contribution (the graph
     derives from them) and the signed adverts of the recipient's neighbourhood."""
 
     round_id: int
     recipient: int
-    digests: tuple[tuple[int, bytes], ...]  # (node, SHA-256 of its encoded SignedAdvertise), by node
+    rhos: tuple[tuple[int, bytes], ...]  # (node, contribution), by node
     keys: tuple[SignedEntry, ...]
 
 
@@ -175,6 +207,9 @@ class SignedUnmaskRequest:
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
     sigs: tuple[tuple[int, bytes], ...]  # (node, ConsistencySig.sig)
+    # The adverts of signers outside the recipient's neighbourhood: it checks, for every node whose
+    # share it reveals, t signatures from that node's own neighbourhood.
+    signers: tuple[SignedEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,16 +236,16 @@ class MaskPeers:
 
 Message = Union[AdvertiseKeys, NeighbourKeys, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest,
                 UnmaskShares, SignedAdvertise, SignedKeys, ConsistencyRequest, ConsistencySig, SignedUnmaskRequest,
-                BundleReceipt, MaskPeers]
+                BundleReceipt, MaskPeers, AdvertList, SeedReveal]
 _KINDS: dict[type, int] = {AdvertiseKeys: 1, NeighbourKeys: 2, ShareKeys: 3, ForwardedShares: 4,
                            MaskedInput: 5, UnmaskRequest: 6, UnmaskShares: 7, SignedAdvertise: 8, SignedKeys: 9,
                            ConsistencyRequest: 10, ConsistencySig: 11, SignedUnmaskRequest: 12,
-                           BundleReceipt: 13, MaskPeers: 14}
+                           BundleReceipt: 13, MaskPeers: 14, AdvertList: 15, SeedReveal: 16}
 _BY_KIND = {v: k for k, v in _KINDS.items()}
 
 
 _TO_CLIENT = (NeighbourKeys, ForwardedShares, UnmaskRequest, SignedKeys, ConsistencyRequest, SignedUnmaskRequest,
-              MaskPeers)
+              MaskPeers, AdvertList)
 MAX_BLOB = 1 << 16  # a certificate or a signature: far below this
 
 
@@ -226,6 +261,19 @@ def _blob(b: bytes) -> bytes:
 
 def _ids(ids: tuple[int, ...]) -> bytes:
     return _U32.pack(len(ids)) + struct.pack(f">{len(ids)}I", *ids)
+
+
+def _key(b: bytes) -> bytes:
+    if len(b) != _KEY:
+        raise SchemaError(f"secagg key field of {len(b)} bytes, expected {_KEY}")
+    return b
+
+
+def _entries(entries: tuple[SignedEntry, ...]) -> bytes:
+    out = [_U32.pack(len(entries))]
+    for e in entries:
+        out += [_U32.pack(e.node), _key(e.c_pk), _key(e.s_pk), _key(e.commit), _blob(e.cert), _blob(e.sig)]
+    return b"".join(out)
 
 
 def encode(msg: Message) -> bytes:
@@ -247,14 +295,18 @@ def encode(msg: Message) -> bytes:
         for ids in (msg.survivors, msg.dropped):
             parts.append(_U32.pack(len(ids)) + struct.pack(f">{len(ids)}I", *ids))
     elif isinstance(msg, SignedAdvertise):
-        parts += [msg.c_pk, msg.s_pk, _blob(msg.cert), _blob(msg.sig)]
+        parts += [_key(msg.c_pk), _key(msg.s_pk), _key(msg.commit), _blob(msg.cert), _blob(msg.sig)]
     elif isinstance(msg, SignedKeys):
-        parts.append(_U32.pack(len(msg.digests)))
-        for node, d in msg.digests:
-            parts += [_U32.pack(node), d]
-        parts.append(_U32.pack(len(msg.keys)))
-        for e in msg.keys:
-            parts += [_U32.pack(e.node), e.c_pk, e.s_pk, _blob(e.cert), _blob(e.sig)]
+        parts.append(_U32.pack(len(msg.rhos)))
+        for node, rho in msg.rhos:
+            parts += [_U32.pack(node), _key(rho)]
+        parts.append(_entries(msg.keys))
+    elif isinstance(msg, AdvertList):
+        parts.append(_U32.pack(len(msg.entries)))
+        for le in msg.entries:
+            parts += [_U32.pack(le.node), _key(le.digest), _key(le.commit)]
+    elif isinstance(msg, SeedReveal):
+        parts.append(_key(msg.rho))
     elif isinstance(msg, ConsistencyRequest):
         parts += [_ids(msg.survivors), msg.list_hash]
     elif isinstance(msg, ConsistencySig):
@@ -267,6 +319,7 @@ def encode(msg: Message) -> bytes:
         parts += [_ids(msg.survivors), _ids(msg.dropped), _U32.pack(len(msg.sigs))]
         for node, sig in msg.sigs:
             parts += [_U32.pack(node), _blob(sig)]
+        parts.append(_entries(msg.signers))
     else:
         for shares in (msg.seed_shares, msg.key_shares):
             parts.append(_U32.pack(len(shares)))
@@ -298,6 +351,10 @@ class _Reader:
 
     def ids(self) -> tuple[int, ...]:
         return tuple(self.u32() for _ in range(self.count(4)))
+
+    def entries(self) -> tuple[SignedEntry, ...]:
+        return tuple(SignedEntry(self.u32(), self.take(_KEY), self.take(_KEY), self.take(_KEY), self.blob(), self.blob())
+                     for _ in range(self.count(4 + 3 * _KEY + 8)))
 
     def count(self, item_bytes: int) -> int:
         n = self.u32()
@@ -336,12 +393,15 @@ def decode(data: bytes) -> Message:
         drop = tuple(r.u32() for _ in range(r.count(4)))
         msg = UnmaskRequest(round_id, node, surv, drop)
     elif cls is SignedAdvertise:
-        msg = SignedAdvertise(round_id, node, r.take(_KEY), r.take(_KEY), r.blob(), r.blob())
+        msg = SignedAdvertise(round_id, node, r.take(_KEY), r.take(_KEY), r.take(_KEY), r.blob(), r.blob())
     elif cls is SignedKeys:
-        digests = tuple((r.u32(), r.take(_KEY)) for _ in range(r.count(4 + _KEY)))
-        entries = tuple(SignedEntry(r.u32(), r.take(_KEY), r.take(_KEY), r.blob(), r.blob())
-                        for _ in range(r.count(4 + 2 * _KEY + 8)))
-        msg = SignedKeys(round_id, node, digests, entries)
+        rhos = tuple((r.u32(), r.take(_KEY)) for _ in range(r.count(4 + _KEY)))
+        msg = SignedKeys(round_id, node, rhos, r.entries())
+    elif cls is AdvertList:
+        listed = tuple(ListEntry(r.u32(), r.take(_KEY), r.take(_KEY)) for _ in range(r.count(4 + 2 * _KEY)))
+        msg = AdvertList(round_id, node, listed)
+    elif cls is SeedReveal:
+        msg = SeedReveal(round_id, node, r.take(_KEY))
     elif cls is ConsistencyRequest:
         msg = ConsistencyRequest(round_id, node, r.ids(), r.take(_KEY))
     elif cls is ConsistencySig:
@@ -353,7 +413,7 @@ def decode(data: bytes) -> Message:
     elif cls is SignedUnmaskRequest:
         surv, drop = r.ids(), r.ids()
         sigs = tuple((r.u32(), r.blob()) for _ in range(r.count(8)))
-        msg = SignedUnmaskRequest(round_id, node, surv, drop, sigs)
+        msg = SignedUnmaskRequest(round_id, node, surv, drop, sigs, r.entries())
     else:
         lists = []
         for _ in range(2):

@@ -53,6 +53,8 @@ class SecAggParams:
     threshold: t, the shares needed to reconstruct a secret, per neighbourhood.
     dim: length of the uint32 vector each client contributes.
     graph_seed: 32 public random bytes fixing the SecAgg+ graph for this round.
+    complete_up_to: the complete graph up to this many nodes; None: the protocol's
+        ``graph.COMPLETE_UP_TO`` (benchmarks set 0 to compare the ring with Flower's at every n).
     """
 
     round_id: int
@@ -60,6 +62,7 @@ class SecAggParams:
     threshold: int
     dim: int
     graph_seed: bytes
+    complete_up_to: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, int) or not 0 <= self.round_id < 1 << 64:
@@ -67,7 +70,7 @@ class SecAggParams:
         ids = self.node_ids
         if len(set(ids)) != len(ids) or any(not isinstance(i, int) or not 0 <= i < (1 << 32) - 1 for i in ids):
             raise ConfigError("SecAggParams.node_ids must be distinct ints in [0, 2^32 - 1)")
-        k = graph.neighbourhood_size(len(ids))
+        k = self.k
         # t >= 2 so no single share reveals a secret; t <= k so every secret is recoverable at all;
         # t > k/2 so that two disjoint halves of a neighbourhood can never both reach t, which is
         # what an aggregator telling some survivors "u lived" and others "u dropped" would need to
@@ -80,13 +83,18 @@ class SecAggParams:
         if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) != prg.SEED_BYTES:
             raise ConfigError(f"SecAggParams.graph_seed must be {prg.SEED_BYTES} bytes")
 
-    def neighbourhoods(self) -> dict[int, frozenset[int]]:
-        return graph.build(self.node_ids, self.graph_seed)
+    @property
+    def k(self) -> int:
+        """Neighbourhood size (self included)."""
+        return graph.neighbourhood_size(len(self.node_ids), self.complete_up_to)
+
+    def neighbourhoods(self, seed: bytes | None = None) -> dict[int, frozenset[int]]:
+        return graph.build(self.node_ids, self.graph_seed if seed is None else seed, self.complete_up_to)
 
 
-def default_threshold(n: int) -> int:
+def default_threshold(n: int, complete_up_to: int | None = None) -> int:
     """A majority-plus of the neighbourhood: 2/3 of k, at least 2 (the Bonawitz 1/3 dropout budget)."""
-    k = graph.neighbourhood_size(n)
+    k = graph.neighbourhood_size(n, complete_up_to)
     return min(k, max(2, -(-2 * k // 3)))
 
 
@@ -115,6 +123,10 @@ class ClientState:
     received: Mapping[int, tuple[bytes, bytes]] = field(default_factory=dict)
     u2: frozenset[int] = frozenset()
     opened: bool = False
+    # What the share bundles are bound to besides (round, sender, recipient): the hardened round's
+    # graph seed, so a bundle sealed under another advert list (another "world" the aggregator
+    # showed other devices) does not open, and every holder of a node's shares shares its view.
+    context: bytes = b""
 
 
 def _expect(state: ClientState, stage: int, round_id: int, recipient: int) -> None:
@@ -165,7 +177,7 @@ def client_share_keys(state: ClientState, msg: NeighbourKeys) -> tuple[ClientSta
             continue
         key = _crypto.share_key(state.c_sk, keys[v].c_pk, state.params.round_id)
         plain = _BUNDLE.pack(me, v) + bs.to_bytes() + ss.to_bytes()
-        sealed.append(Sealed(v, _crypto.seal(key, state.params.round_id, me, v, plain)))
+        sealed.append(Sealed(v, _crypto.seal(key, state.params.round_id, me, v, plain, state.context)))
     new = replace(state, stage=2, peer_keys=keys, b_seed=b_seed, own_shares=own)
     return new, ShareKeys(state.params.round_id, me, tuple(sealed))
 
@@ -174,7 +186,7 @@ def _open_bundle(state: ClientState, s: Sealed) -> tuple[bytes, bytes]:
     """One neighbour's (b share, s^SK share) addressed to us; ProtocolError if it does not open."""
     p, me = state.params, state.node_id
     key = _crypto.share_key(state.c_sk, state.peer_keys[s.peer].c_pk, p.round_id)
-    plain = _crypto.open_sealed(key, p.round_id, s.peer, me, s.blob)
+    plain = _crypto.open_sealed(key, p.round_id, s.peer, me, s.blob, state.context)
     if len(plain) != _BUNDLE.size + 2 * shamir.SHARE_BYTES or _BUNDLE.unpack(plain[:8]) != (s.peer, me):
         raise _crypto.ShareDecryptionError(f"share bundle from {s.peer} names the wrong parties")
     b_share, s_share = plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:]
@@ -210,7 +222,12 @@ def client_open_shares(state: ClientState, msg: ForwardedShares) -> tuple[Client
 
 def client_mask(state: ClientState, msg: MaskPeers, x: np.ndarray) -> tuple[ClientState, MaskedInput]:
     """Stage 2b, after training: mask ``x`` (uint32 from ``quant.quantize``) with the peers the
-    server kept after the cuts; they must be peers whose shares this client holds."""
+    server kept after the cuts; they must be peers whose shares this client holds.
+
+    At least t - 1 of them (``_mask``): with fewer, the input could not be unmasked. That is also
+    enough against an aggregator that cuts pairs and then calls the kept peers dropped: it would
+    need t seed shares from holders other than this node (which refuses a survivor set without
+    its peers) and the kept peers, k - 1 - (t - 1 - c) >= t, i.e. t <= (k + c) / 2, below the floor."""
     _expect(state, 2, msg.round_id, msg.recipient)
     if not state.opened:
         raise ProtocolError("mask peers before the share bundles were opened")

@@ -265,8 +265,10 @@ def test_acl_aggregator_reaches_only_the_addressed_device(peers: dict[str, Peer]
     assert not agg.publish(announce, b"round 1").is_failure
     assert a.received_until(announce) == []
     assert b.received_until(announce) == []  # B got nothing addressed to A before the broadcast
-    # The aggregator itself may not write into upload topics.
-    assert agg.publish(topics.up(A, "update"), b"x").getName() == "Not authorized"
+    # The aggregator may not write a device's presence, nor anything outside the protocol's upload
+    # kinds (it writes those only to clear retained junk: test_retained_junk_*).
+    for topic in (topics.up(A, "status"), f"{topics.up(A, 'update')}/x", "flm/v1/up/dev-a/junk"):
+        assert agg.publish(topic, b"x").getName() == "Not authorized", topic
 
 
 def test_acl_without_tls_still_requires_passwords_and_acls(tmp_path: Path) -> None:
@@ -405,3 +407,80 @@ def test_enroll_refuses_to_replace_a_key_without_replace(tmp_path: Path) -> None
     assert registry.load(reg)[A].to_json() == k1.to_json()
     registry.enroll(reg, A, k2, replace=True)
     assert registry.load(reg)[A].to_json() == k2.to_json()
+
+
+# --- retained junk (issue 22, item 7) --------------------------------------------------------------
+#
+# A device used to be able to leave hundreds of retained messages under its own prefix, each replayed
+# to every new subscription of the aggregator. The ACL now grants it exactly the protocol's upload
+# topics, and the aggregator clears whatever is retained there besides the device's own status.
+
+JUNK = 270 * 1024  # within message_size_limit: the largest junk a device can still retain
+
+
+def _retain(peer: Peer, topic: str, payload: bytes) -> ReasonCode:
+    info = peer.client.publish(topic, payload, qos=1, retain=True)
+    return peer._wait(peer._pubacks, info.mid)  # noqa: SLF001
+
+
+def _delivered_before(subscriber: Peer, publisher: Peer, topic: str) -> list[tuple[str, bytes]]:
+    """What ``subscriber`` gets before a sentinel that ``publisher`` sends on ``topic`` now (told
+    apart by its payload, since junk may be retained on that same topic)."""
+    end = b"sentinel " + os.urandom(8).hex().encode()
+    assert not publisher.publish(topic, end).is_failure
+    seen: list[tuple[str, bytes]] = []
+    deadline = time.monotonic() + TIMEOUT
+    while (got := subscriber.messages.get(timeout=max(0.01, deadline - time.monotonic()))) != (topic, end):
+        seen.append(got)
+    return seen
+
+
+def test_a_device_cannot_retain_junk_on_a_subtopic_outside_the_protocol(broker: Broker, peers: dict[str, Peer]) -> None:
+    a = peers[A]
+    status = topics.up(A, "status")
+    assert not _retain(a, status, b"A is online").is_failure  # positive control: retained and replayed
+    junk = [f"flm/v1/up/{A}/junk-{i}" for i in range(20)] + [f"{topics.up(A, 'update')}/x", f"flm/v1/up/{A}/a/b/c"]
+    for topic in junk:
+        _retain(a, topic, os.urandom(JUNK))  # PUBACK or not: judged by what a subscriber gets
+    # A NEW subscription: the broker sends what it retains as it subscribes, before anything later.
+    agg = peers["aggregator"]
+    assert agg.subscribe(topics.up_filter())[0].value < 0x80
+    assert _delivered_before(agg, a, topics.up(A, "update")) == [(status, b"A is online")]
+
+
+def test_retained_junk_on_an_allowed_topic_is_cleared_by_the_aggregator(broker: Broker, peers: dict[str, Peer]) -> None:
+    from aggregator.collect import Collector
+    from fl_mqtt.link import MqttLink
+
+    a = peers[A]
+    status_topic, status = topics.up(A, "status"), b"A's own retained status"
+    assert not _retain(a, status_topic, status).is_failure
+    junk = [topics.up(A, kind) for kind in topics.UP_KINDS if kind != topics.PRESENCE]
+    for topic in junk:
+        assert not _retain(a, topic, os.urandom(JUNK)).is_failure
+    peers["aggregator"].close()  # the collector's link logs in as the aggregator (one session per account)
+
+    c = broker.creds("aggregator")
+    link = MqttLink("aggregator", f"mqtts://127.0.0.1:{broker.mosq.port}", username=c.username, password=c.password,
+                    ca_file=c.ca_file)
+    col = Collector(enrolled={A}, keys=None, pubkeys={}, chunk_bytes=256 * 1024, out_dir=broker.files.out_dir)
+    col.link = link
+    link.connect()
+    try:
+        link.subscribe(topics.up_filter())
+        deadline = time.monotonic() + TIMEOUT
+        while col.cleared_retained < len(junk) and time.monotonic() < deadline:
+            col.pump(time.monotonic() + 0.2)
+        assert col.cleared_retained == len(junk)
+        col.pump(time.monotonic() + 0.3)  # our clears come back as empty live messages: ignored
+        assert col.cleared_retained == len(junk)
+    finally:
+        link.close()
+
+    fresh = Peer.login(broker, "aggregator")  # a NEW subscription: only the status is still retained
+    try:
+        assert fresh.subscribe(topics.up_filter())[0].value < 0x80
+        # The device's own status survives, and nothing else is retained.
+        assert _delivered_before(fresh, a, topics.up(A, "update")) == [(status_topic, status)]
+    finally:
+        fresh.close()

@@ -106,11 +106,72 @@ def test_manifests_only_from_participants_in_the_update_stage(agg, caplog) -> No
     assert a.col.uploads.active_transfers == 0 and a.book.rejected == 3
 
 
-def test_a_retained_update_is_refused(agg, caplog) -> None:
+class _Recorder:
+    """The part of the link a clear uses: what was published, and how."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, bool]] = []
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0) -> int:
+        self.published.append((topic, payload, retain))
+        return len(payload)
+
+
+# (topic, cleared?): anything retained under up/ except the device's own presence topic is cleared
+# with an empty retained message, enrolled or not, well-formed or not; nothing outside up/ is touched.
+RETAINED = [
+    (topics.up("dev-a", "update"), True),
+    (topics.up("dev-a", "chunk"), True),
+    (topics.up("dev-a", "secagg"), True),
+    (topics.up("dev-x", "update"), True),  # an unenrolled device's
+    ("flm/v1/up/dev-a/junk/0", True),
+    ("flm/v1/up/dev-a/JUNK", True),
+    ("flm/v1/up/dev\nfake log line/x", True),  # the device id is named only when it is one
+    ("flm/v1/up/", True),
+    (topics.up("dev-a", "status"), False),  # its presence: kept
+    (topics.up("dev-x", "status"), False),
+    (topics.bcast("announce"), False),  # not an upload: never ours to clear
+    (topics.down("dev-a", "round"), False),
+]
+
+
+@pytest.mark.parametrize("topic,cleared", RETAINED)
+def test_retained_junk_is_cleared_and_never_parsed(agg, caplog, topic: str, cleared: bool) -> None:
+    a, agg_keys, devs = agg
+    a.link = link = _Recorder()
+    data = _sealed_update(devs["dev-a"], agg_keys, "dev-a") if "update" in topic else os.urandom(300)
+    a.dispatch(topic, data, len(data), retain=True)
+    assert not a.book.replies
+    assert link.published == ([(topic, b"", True)] if cleared else [])
+    assert a.col.cleared_retained == int(cleared)
+    if cleared:
+        assert a.book.rejected == 0  # not parsed, so not a rejection either
+        line = next(r.getMessage() for r in caplog.records if "only a device's status may be retained" in r.getMessage())
+        assert "\n" not in line and ("(device dev-a)" in line or "dev-a" not in topic)
+
+
+def test_a_clear_is_logged_once_per_topic_and_its_echo_ignored(agg, caplog) -> None:
+    a, agg_keys, devs = agg
+    a.link = link = _Recorder()
+    junk = [topics.up("dev-a", "chunk"), "flm/v1/up/dev-a/junk/1"]
+    for _ in range(3):  # replayed to each new subscription of ours, until the broker drops it
+        for topic in junk:
+            a.dispatch(topic, b"x" * 1000, 1000, retain=True)
+    assert a.col.cleared_retained == 6 and len(link.published) == 6
+    assert sum("only a device's status may be retained" in r.getMessage() for r in caplog.records) == 2
+    for topic in junk:  # the broker forwards our empty clears to our own subscription, live
+        a.dispatch(topic, b"", 30)
+    assert a.book.rejected == 0
+    # A retained status stays and is handled as presence; a live update still goes through.
+    a.dispatch(topics.up("dev-b", "update"), _sealed_update(devs["dev-b"], agg_keys, "dev-b"), 100)
+    assert list(a.book.replies) == ["dev-b"] and len(link.published) == 6
+
+
+def test_a_clear_without_a_link_is_counted_and_the_message_still_ignored(agg, caplog) -> None:
     a, agg_keys, devs = agg
     data = _sealed_update(devs["dev-a"], agg_keys, "dev-a")
     a.dispatch(topics.up("dev-a", "update"), data, len(data), retain=True)
-    assert "only status messages may be retained" in caplog.text and not a.book.replies
+    assert not a.book.replies and a.col.cleared_retained == 1 and "could not clear" in caplog.text
 
 
 def test_repeated_manifests_do_not_keep_a_transfer_alive() -> None:

@@ -32,6 +32,7 @@ def _commit_round_1(cfg, summary: dict):  # type: ignore[no-untyped-def]
 
     agg = Aggregator(cfg)
     agg.load_model()
+    agg.store.mark_announced(1, {})  # as the round loop does before it collects
     agg.version += 1
     agg._checkpoint(1, summary=summary)
     return agg
@@ -74,3 +75,27 @@ def test_a_round_with_its_record_is_not_recorded_again(tiny_models: dict[str, st
     again.load_model()
     again.record_committed_round(metrics)
     assert record.last_round(metrics) == 1 and len(metrics.read_text().splitlines()) == 1
+
+
+def test_an_interrupted_round_gets_its_record_and_the_shutdown_is_bound_to_it(tiny_models: dict[str, str],
+                                                                              tmp_path: Path) -> None:
+    """Issue 23: a round cut short by a kill left no line in metrics.jsonl (only the store's
+    phases showed it), and a shutdown bound to the last completed round was refused by devices
+    that had heard the later announcement."""
+    from aggregator import record
+    from aggregator.server import Aggregator
+
+    cfg = _cfg(tiny_models, tmp_path)
+    metrics = Path(cfg.out_dir) / "metrics.jsonl"
+    first = _commit_round_1(cfg, {"participants": IDS, "received": IDS, "drop_reasons": {}, "secagg": False})
+    student, _ = first.evaluate()
+    record.append(metrics, record.RoundRecord(round=1, status="ok", mode="fedit", student=student))
+    first.store.mark_announced(2, {})  # round 2 goes out ... and the process is killed in it
+    again = Aggregator(cfg)
+    again.load_model()
+    assert (again.round, again.announced, again.shutdown_round) == (1, 2, 2)
+    again.record_interrupted_round(metrics)
+    again.record_interrupted_round(metrics)  # once only
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [(r["round"], r["status"]) for r in lines] == [(1, "ok"), (2, "interrupted")]
+    assert "stopped during the round" in lines[1]["abandon_reason"] and "after a restart" in lines[1]["note"]

@@ -35,9 +35,11 @@ def agg(tmp_path: Path) -> tuple[Aggregator, DeviceKeys, DeviceKeys]:
     return a, agg_keys, dev_keys
 
 
-def _update(dev: DeviceKeys, agg_keys: DeviceKeys, rnd: int = 2, seq: int = 1, device: str = "dev-a") -> bytes:
-    up = M.Update(round=rnd, device_id=device, seq=seq, num_examples=3, steps=1, train_loss=0.5, payload="delta",
-                  base_digest="ab" * 32, tensors=tensors.pack({"w": np.ones(4, np.float32)}))
+def _update(dev: DeviceKeys, agg_keys: DeviceKeys, rnd: int = 2, seq: int = 1, device: str = "dev-a",
+            values: np.ndarray | None = None, num_examples: int = 3) -> bytes:
+    w = np.full(4, 0.01, np.float32) if values is None else values
+    up = M.Update(round=rnd, device_id=device, seq=seq, num_examples=num_examples, steps=1, train_loss=0.5, payload="delta",
+                  base_digest="ab" * 32, tensors=tensors.pack({"w": w}))
     return secure.seal_message(up, round=rnd, device_id=device, sender=dev, recipient=agg_keys.public)
 
 
@@ -45,7 +47,22 @@ def test_accepts_a_sealed_update(agg) -> None:
     a, agg_keys, dev = agg
     a.dispatch(topics.up("dev-a", "update"), _update(dev, agg_keys), 100)
     assert list(a.book.replies) == ["dev-a"] and a.book.rejected == 0
-    np.testing.assert_array_equal(a.book.replies["dev-a"].delta["w"], np.ones(4))
+    np.testing.assert_array_equal(a.book.replies["dev-a"].delta["w"], np.full(4, 0.01, np.float32))
+
+
+def test_a_plain_update_cannot_own_the_mean(agg, caplog) -> None:
+    """Issue 22 attack 5, plain rounds: 2^31 - 1 claimed examples and values of 3e38 (only
+    finiteness was checked) used to own the mean. Each value is clipped to +-clip, and the weight
+    capped at max_weight_examples, before the strategy sees the reply."""
+    a, agg_keys, dev = agg
+    huge = np.array([3e38, -3e38, 0.02, 1.0], np.float32)
+    with caplog.at_level(logging.WARNING):
+        a.dispatch(topics.up("dev-a", "update"), _update(dev, agg_keys, values=huge, num_examples=2**31 - 1), 100)
+    r = a.book.replies["dev-a"]
+    c = a.cfg.clip
+    np.testing.assert_array_equal(r.delta["w"], np.array([c, -c, 0.02, c], np.float32))
+    assert r.num_examples == a.cfg.max_weight_examples == 1000
+    assert "are clipped" in caplog.text and "claims 2147483647 examples" in caplog.text
 
 
 def test_replay_of_the_same_update_is_rejected(agg, caplog) -> None:

@@ -134,7 +134,7 @@ def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, s
 
 def test_fl_minillm_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[str, str]) -> None:
     """A client-teacher round over Mosquitto with TLS, passwords and ACLs: what the aggregator
-    learned (and wrote, under fleet/) is the example-weighted mean of the devices' scores, which
+    learned (and wrote, under fleet/) is the mean of the devices' scores (each weighs 1), which
     each device kept in clear for this check only (keep_sent)."""
     import numpy as np
 
@@ -152,7 +152,7 @@ def test_fl_minillm_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[st
     assert rows[1].distil["role"] == "client" and rows[1].distil["scoring_up_bytes_per_device"] > 0
     fleet = np.load(out / "fleet" / "round_0001_scores.npy")
     n = {d: len(load_file(out / "data" / f"{d}.jsonl")) for d in rows[1].received}
-    w = {d: update_codec.weight(n[d], max(n.values())) for d in n}
+    w = {d: update_codec.weight(n[d], 1) for d in n}  # the aggregator's weight_norm: every device weighs 1
     mine = {d: np.load(out / "edge" / d / "sent" / "round_0001_scores.npy") for d in n}
     want = sum(w[d] * mine[d] for d in n) / sum(w.values())
     assert fleet.shape == want.shape and np.abs(fleet - want).max() < 1e-6  # 32-bit ring: the bound is ~1e-9

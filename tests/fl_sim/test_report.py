@@ -35,6 +35,21 @@ def test_report_lists_devices_that_left_with_their_reasons(tmp_path: Path) -> No
     assert "round 2 abandoned: 0 of 3 updates received" in text and "round 1: 2" in text
 
 
+def test_report_counts_rounds_voided_by_an_out_of_bounds_sum(tmp_path: Path) -> None:
+    """Issue 22: a device can void a secure round with out-of-range values under its masks; the
+    report counts how often, beside the reasons."""
+    devs = ["device-0", "device-1", "device-2"]
+    rows = [RoundRecord(round=0, status="baseline", mode="fedit", student=_evals(3.0))]
+    for rnd in (1, 3):
+        rows.append(RoundRecord(round=rnd, status="abandoned", mode="fedit", student=_evals(3.0), participants=devs,
+                                received=devs, abandon_reason="aggregate rejected: slot 'values' out of bounds: 0.7"))
+    rows.append(RoundRecord(round=2, status="ok", mode="fedit", student=_evals(2.0), participants=devs, received=devs))
+    for r in rows:
+        append(tmp_path / "metrics.jsonl", r)
+    text = write_report(tmp_path, {}).read_text()
+    assert "rounds voided because the unmasked sum was out of bounds (a device sent out-of-range values under its masks): 2 (1, 3)" in text
+
+
 def test_report_without_departures_has_no_such_section(tmp_path: Path) -> None:
     devs = ["device-0"]
     for r in (RoundRecord(round=0, status="baseline", mode="fedit", student=_evals(3.0)),

@@ -82,6 +82,34 @@ def test_int8_is_at_least_3x_smaller_and_agrees(built) -> None:
     assert built["int8"].manifest.quantization == "int8"
 
 
+def test_int8_takes_the_next_recipe_when_one_fails_the_gate(built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """On the real 63.7M student the full int8 recipe agreed on 74% of next tokens; the release then
+    tries the outlier-safe one (MLP down-projections in float32) on the same export, and records which shipped."""
+    import dataclasses
+
+    from aggregator.release import make_release
+    from fl_lm import onnx_parity
+
+    assert built["int8"].manifest.parity["recipe"] == "full"  # the toy student passes with the smallest
+    real, seen = onnx_parity.check, []
+
+    def full_fails(*a: object, **k: object) -> onnx_parity.Parity:
+        p = real(*a, **k)  # type: ignore[arg-type]
+        seen.append(p)
+        return dataclasses.replace(p, passed=False, reason="refused by the test") if len(seen) == 1 else p
+
+    monkeypatch.setattr(onnx_parity, "check", full_fails)
+    got = make_release(built["peft"], built["tok"], base=built["base"], root=tmp_path / "releases", rnd=5, mode="fedkd",
+                       fleet=FLEET, key=built["key"], heldout=HELD, int8=True)
+    assert got is not None and len(seen) == 2
+    assert got.manifest.parity["recipe"] == "outlier-safe" and got.manifest.parity["passed"]
+    assert any("int8 recipe 'full' fails the parity gate (refused by the test); trying the next" in r.getMessage()
+               for r in caplog.records)
+    size = (got.directory / "model.onnx").stat().st_size
+    assert (built["int8"].directory / "model.onnx").stat().st_size < size < (built["fp32"].directory / "model.onnx").stat().st_size
+
+
 def test_optimum_loads_the_release_and_generates_the_same_text(built) -> None:
     from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -214,6 +242,11 @@ def test_fl_edge_generate_answers_from_the_verified_release(built, tmp_path: Pat
     got = json.loads(capsys.readouterr().out)
     assert got == {"release_id": built["fp32"].manifest.release_id,
                    "text": OnnxLM(built["fp32"].directory).generate(prompt, Sampling(max_new_tokens=12))}
+    # An instruction is formatted as training formatted it: this tokenizer has no chat template,
+    # so the Alpaca template, which is the prompt above.
+    assert cli.main(["generate", "--instruction", "Add one.", "--input", "3", "--config", str(cfg),
+                     "--max-new-tokens", "12"]) == 0
+    assert json.loads(capsys.readouterr().out) == got
     # Edited on disk after install: refused at load, not served.
     onnx = tmp_path / "device" / built["fp32"].manifest.release_id / "model.onnx"
     data = bytearray(onnx.read_bytes())

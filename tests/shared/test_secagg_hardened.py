@@ -21,8 +21,9 @@ N, T, DIM = 7, 5, 64  # complete graph of 7; t = 5 > 7/2
 AUTH = crypto.generate_keys()
 
 
-def _fleet(n: int = N, t: int = T, round_id: int = 3):
-    p = protocol.SecAggParams(round_id=round_id, node_ids=tuple(range(10, 10 + n)), threshold=t, dim=DIM, graph_seed=b"S" * 32)
+def _fleet(n: int = N, t: int = T, round_id: int = 3, complete_up_to: int | None = None):
+    p = protocol.SecAggParams(round_id=round_id, node_ids=tuple(range(10, 10 + n)), threshold=t, dim=DIM, graph_seed=b"S" * 32,
+                              complete_up_to=complete_up_to)
     device_of = {node: f"dev-{node}" for node in p.node_ids}
     keys = {node: crypto.generate_keys() for node in p.node_ids}
     certs = {node: authority.certify(device_of[node], keys[node].public, AUTH).blob for node in p.node_ids}
@@ -37,15 +38,28 @@ def _roundtrip(m):  # type: ignore[no-untyped-def]
     return out
 
 
-def _to_masked(p, idents, server_ident, inputs, tamper=None):  # type: ignore[no-untyped-def]
-    """Run the round up to the masked inputs; ``tamper`` may rewrite one device's ShareKeys, and a
-    device missing from ``inputs`` sends its receipt but drops before masking."""
+def _to_keys(p, idents, server_ident, absent=()):  # type: ignore[no-untyped-def]
+    """Adverts, the advert list, the reveals: the round up to each device's SignedKeys."""
     clients, adverts = {}, []
     for u in p.node_ids:
+        if u in absent:
+            continue
         clients[u], adv = hardened.client_advertise(p, u, idents[u])
         adverts.append(_roundtrip(adv))
     srv = hardened.server_init(p)
-    srv, keys = hardened.server_collect_adverts(srv, adverts, server_ident)
+    srv, lists = hardened.server_collect_adverts(srv, adverts, server_ident)
+    reveals = []
+    for u, msg in lists.items():
+        clients[u], rv = hardened.client_reveal(clients[u], _roundtrip(msg), idents[u])
+        reveals.append(_roundtrip(rv))
+    srv, keys = hardened.server_collect_reveals(srv, reveals)
+    return clients, srv, keys, adverts
+
+
+def _to_masked(p, idents, server_ident, inputs, tamper=None):  # type: ignore[no-untyped-def]
+    """Run the round up to the masked inputs; ``tamper`` may rewrite one device's ShareKeys, and a
+    device missing from ``inputs`` sends its receipt but drops before masking."""
+    clients, srv, keys, _ = _to_keys(p, idents, server_ident)
     shares = []
     for u, msg in keys.items():
         clients[u], out = hardened.client_share_keys(clients[u], _roundtrip(msg), idents[u])
@@ -119,22 +133,30 @@ def test_honest_hardened_round_gives_the_sum_with_a_dropout() -> None:
 
 def test_key_substitution_is_detected_and_the_round_refused() -> None:
     p, idents, si = _fleet()
-    _, _, qs = _inputs(p)
-    clients, adverts = {}, []
-    for u in p.node_ids:
-        clients[u], adv = hardened.client_advertise(p, u, idents[u])
-        adverts.append(adv)
-    srv, keys = hardened.server_collect_adverts(hardened.server_init(p), adverts, si)
     target, victim_peer = p.node_ids[0], p.node_ids[1]
     evil_c, evil_s = protocol._crypto.new_keypair()[1], protocol._crypto.new_keypair()[1]  # noqa: SLF001
+    clients, srv, keys, adverts = _to_keys(p, idents, si)
     msg = keys[target]
     forged = tuple(replace(e, c_pk=evil_c, s_pk=evil_s) if e.node == victim_peer else e for e in msg.keys)
-    # Keep the digest list consistent with the forged entry, as a careful attacker would.
-    fake_adv = messages.SignedAdvertise(p.round_id, victim_peer, evil_c, evil_s, adverts[1].cert, adverts[1].sig)
-    digests = tuple((n, hardened.digest(fake_adv) if n == victim_peer else d) for n, d in msg.digests)
-    for attempt in (replace(msg, keys=forged), replace(msg, keys=forged, digests=digests)):
-        with pytest.raises(PeerVerificationError):
-            hardened.client_share_keys(clients[target], attempt, idents[target])
+    with pytest.raises(PeerVerificationError):
+        hardened.client_share_keys(clients[target], replace(msg, keys=forged), idents[target])
+    # Keep the advert list consistent with the forged entry, as a careful attacker would: the list
+    # then carries a digest of an advert whose signature is over other keys.
+    p2, idents2, si2 = _fleet(round_id=4)
+    clients2, adverts2 = {}, []
+    for u in p2.node_ids:
+        clients2[u], adv = hardened.client_advertise(p2, u, idents2[u])
+        adverts2.append(adv)
+    srv2, lists = hardened.server_collect_adverts(hardened.server_init(p2), adverts2, si2)
+    real = next(a for a in adverts2 if a.sender == victim_peer)
+    fake_adv = replace(real, c_pk=evil_c, s_pk=evil_s)
+    entries = tuple(replace(e, digest=hardened.digest(fake_adv)) if e.node == victim_peer else e for e in lists[target].entries)
+    clients2[target], rv = hardened.client_reveal(clients2[target], replace(lists[target], entries=entries), idents2[target])
+    reveals = [rv] + [hardened.client_reveal(clients2[u], lists[u], idents2[u])[1] for u in p2.node_ids if u != target]
+    srv2, keys2 = hardened.server_collect_reveals(srv2, reveals)
+    forged2 = tuple(replace(e, c_pk=evil_c, s_pk=evil_s) if e.node == victim_peer else e for e in keys2[target].keys)
+    with pytest.raises(PeerVerificationError, match="signed for other keys"):
+        hardened.client_share_keys(clients2[target], replace(keys2[target], keys=forged2), idents2[target])
 
 
 def test_a_forged_participant_is_rejected() -> None:
@@ -144,9 +166,10 @@ def test_a_forged_participant_is_rejected() -> None:
     node = p.node_ids[2]
     fake_cert = authority.certify(si.device_of[node], mallory.public, mallory).blob  # not the authority's signature
     c_pk, s_pk = protocol._crypto.new_keypair()[1], protocol._crypto.new_keypair()[1]  # noqa: SLF001
-    sig = crypto.sign(hardened._advert_payload(p.round_id, node, c_pk, s_pk), mallory,  # noqa: SLF001
+    commit = hardened.commitment(p.round_id, node, bytes(32))
+    sig = crypto.sign(hardened._advert_payload(p.round_id, node, c_pk, s_pk, commit), mallory,  # noqa: SLF001
                       aad=crypto.AssociatedData(p.round_id, si.device_of[node], hardened.ADVERT_KIND))
-    forged = messages.SignedAdvertise(p.round_id, node, c_pk, s_pk, fake_cert, sig)
+    forged = messages.SignedAdvertise(p.round_id, node, c_pk, s_pk, commit, fake_cert, sig)
     with pytest.raises(PeerVerificationError):
         hardened.check_advert(idents[p.node_ids[0]], p.round_id, forged, node)
     # A real device's certificate for the wrong node is refused too.
@@ -158,32 +181,30 @@ def test_a_forged_participant_is_rejected() -> None:
     for u in p.node_ids:
         if u != node:
             honest.append(hardened.client_advertise(p, u, idents[u])[1])
-    srv, keys = hardened.server_collect_adverts(hardened.server_init(p), honest + [forged], si)
-    assert node not in dict(srv.digests) and node not in keys
+    srv, lists = hardened.server_collect_adverts(hardened.server_init(p), honest + [forged], si)
+    assert node not in {e.node for e in srv.entries} and node not in lists
 
 
-def test_the_graph_follows_the_adverts_not_the_aggregator() -> None:
-    """With a sparse graph the server cannot hand a device the neighbourhood of its own seed."""
-    p, idents, si = _fleet(n=40, t=protocol.default_threshold(40))
-    clients, adverts = {}, []
-    for u in p.node_ids:
-        clients[u], adv = hardened.client_advertise(p, u, idents[u])
-        adverts.append(adv)
-    srv, keys = hardened.server_collect_adverts(hardened.server_init(p), adverts, si)
-    derived = graph.build(p.node_ids, hardened.graph_seed(p.graph_seed, p.round_id, srv.digests))
-    steered = graph.build(p.node_ids, p.graph_seed)  # what the spec's seed alone would give
+def test_the_graph_follows_the_reveals_not_the_aggregator() -> None:
+    """With a sparse graph the server cannot hand a device the neighbourhood of its own seed, nor
+    re-draw the graph by leaving the device's own advert out."""
+    p, idents, si = _fleet(n=40, t=protocol.default_threshold(40, complete_up_to=0), complete_up_to=0)
+    clients, srv, keys, adverts = _to_keys(p, idents, si)
+    steered = graph.build(p.node_ids, p.graph_seed, p.complete_up_to)  # what the spec's seed alone would give
     target = p.node_ids[0]
-    assert derived[target] != steered[target]
+    assert srv.graph[target] != steered[target]
     by_node = {a.sender: a for a in adverts}
-    bad = replace(keys[target], keys=tuple(messages.SignedEntry(n, by_node[n].c_pk, by_node[n].s_pk, by_node[n].cert,
-                                                                by_node[n].sig) for n in sorted(steered[target])))
+    bad = replace(keys[target], keys=tuple(hardened._entry_of(by_node[n]) for n in sorted(steered[target])))  # noqa: SLF001
     with pytest.raises(PeerVerificationError, match="neighbourhood"):
         hardened.client_share_keys(clients[target], bad, idents[target])
-    # Dropping the target's own advert from the list (to re-draw the graph without it) is caught.
-    no_me = replace(keys[target], digests=tuple((n, d) for n, d in keys[target].digests if n != target))
-    with pytest.raises(PeerVerificationError, match="own advert"):
-        hardened.client_share_keys(clients[target], no_me, idents[target])
     hardened.client_share_keys(clients[target], keys[target], idents[target])  # the honest one passes
+    # Dropping the target's own advert from the list (to re-draw the graph without it) is caught.
+    p2, idents2, si2 = _fleet(n=40, t=protocol.default_threshold(40, complete_up_to=0), complete_up_to=0, round_id=9)
+    c2, adv2 = hardened.client_advertise(p2, target, idents2[target])
+    others = [hardened.client_advertise(p2, u, idents2[u])[1] for u in p2.node_ids if u != target]
+    _, lists = hardened.server_collect_adverts(hardened.server_init(p2), others, si2)
+    with pytest.raises(PeerVerificationError, match="own advert"):
+        hardened.client_reveal(c2, replace(lists[others[0].sender], recipient=target), idents2[target])
 
 
 def test_equivocating_unmask_requests_get_no_answer() -> None:

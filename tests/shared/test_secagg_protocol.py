@@ -22,9 +22,12 @@ CHI2_CRIT_255 = 330.5  # chi-square, 255 dof, p = 0.001
 PHASES = ("advertise", "share_keys", "masked_input")
 
 
-def params(n: int, t: int, dim: int, round_id: int = 7) -> SecAggParams:
+RING = 0  # complete_up_to for tests of the SecAgg+ ring at small n (the protocol uses it above 100 nodes)
+
+
+def params(n: int, t: int, dim: int, round_id: int = 7, complete_up_to: int | None = None) -> SecAggParams:
     return SecAggParams(round_id=round_id, node_ids=tuple(range(100, 100 + n)), threshold=t, dim=dim,
-                        graph_seed=b"G" * 32)
+                        graph_seed=b"G" * 32, complete_up_to=complete_up_to)
 
 
 def roundtrip(msg: messages.Message) -> messages.Message:
@@ -109,8 +112,8 @@ def test_below_threshold_aborts_without_result(phase: str) -> None:
 
 def test_dropouts_in_every_phase_on_a_sparse_graph() -> None:
     n = 40
-    p = params(n, protocol.default_threshold(n), 300)
-    assert graph.neighbourhood_size(n) == 13 < n
+    p = params(n, protocol.default_threshold(n, RING), 300, complete_up_to=RING)
+    assert graph.neighbourhood_size(n, RING) == 13 < n and graph.neighbourhood_size(n) == n
     cfg = quant.QuantConfig(clip=0.5, n_summands=n)
     ids = p.node_ids
     check_sum(p, cfg, {"advertise": [ids[0]], "share_keys": [ids[11], ids[25]], "masked_input": [ids[3], ids[30]]},
@@ -119,7 +122,7 @@ def test_dropouts_in_every_phase_on_a_sparse_graph() -> None:
 
 def test_sparse_graph_aborts_when_a_neighbourhood_is_starved() -> None:
     n = 40
-    p = params(n, protocol.default_threshold(n), 50)
+    p = params(n, protocol.default_threshold(n, RING), 50, complete_up_to=RING)
     nb = p.neighbourhoods()
     victim = p.node_ids[0]
     others = sorted(nb[victim] - {victim})
@@ -262,11 +265,13 @@ def test_params_validation() -> None:
     with pytest.raises(ConfigError):
         params(5, 1, 4)  # t < 2
     with pytest.raises(ConfigError):
-        params(40, 14, 4)  # t > neighbourhood size 13
+        params(40, 14, 4, complete_up_to=RING)  # t > neighbourhood size 13
     for n, t in ((4, 2), (40, 6), (7, 3)):  # t <= k/2: two halves of a neighbourhood could each reach t
         with pytest.raises(ConfigError, match="more than half"):
-            params(n, t, 4)
-    params(40, 7, 4)  # 7 > 13/2
+            params(n, t, 4, complete_up_to=RING)
+    params(40, 7, 4, complete_up_to=RING)  # 7 > 13/2
+    with pytest.raises(ConfigError, match="more than half"):
+        params(40, 7, 4)  # the protocol's own graph at 40 nodes is complete: 7 is not more than 40/2
     with pytest.raises(ConfigError):
         SecAggParams(round_id=1, node_ids=(1, 1), threshold=2, dim=4, graph_seed=bytes(32))
 
@@ -291,12 +296,20 @@ def test_truncated_message_raises() -> None:
 
 @pytest.mark.parametrize("n", [100, 1000])
 def test_secaggplus_graph_degree_and_symmetry(n: int) -> None:
-    nb = graph.build(range(n), b"R" * 32)
+    nb = graph.build(range(n), b"R" * 32, complete_up_to=RING)
     h = math.ceil(math.log2(n))
     assert all(len(v) == 2 * h + 1 and u in v for u, v in nb.items())  # k = 2*ceil(log2 n)+1 incl. self
     assert all(u in nb[v] for u, vs in nb.items() for v in vs)
-    assert nb == graph.build(range(n), b"R" * 32)
-    assert nb != graph.build(range(n), b"S" * 32)
+    assert nb == graph.build(range(n), b"R" * 32, complete_up_to=RING)
+    assert nb != graph.build(range(n), b"S" * 32, complete_up_to=RING)
+    assert graph.neighbourhoods_of(range(n), b"R" * 32, [3, 7], complete_up_to=RING) == {3: nb[3], 7: nb[7]}
+
+
+@pytest.mark.parametrize("n", [8, 12, 100])
+def test_cohorts_up_to_100_get_the_complete_graph_as_the_threat_model_states(n: int) -> None:
+    assert graph.COMPLETE_UP_TO == 100 and graph.neighbourhood_size(n) == n
+    assert all(v == frozenset(range(n)) for v in graph.build(range(n), b"R" * 32).values())
+    assert graph.neighbourhood_size(101) == 2 * 7 + 1
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 9])
