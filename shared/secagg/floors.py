@@ -75,6 +75,13 @@ class Floors:
             raise BelowFloor(f"threshold {t} of a neighbourhood of {k}, below this device's floor of {want} "
                              f"(ceil({self.min_threshold:.3g} k), and t > (k + c)/2 for c = {self.colluders} colluders)")
 
-    def check_survivors(self, m: int) -> None:
-        if m < self.min_cohort:
-            raise BelowFloor(f"{m} survivors, below this device's minimum of {self.min_cohort}: not signing")
+    def check_survivors(self, m: int, t: int) -> None:
+        """Raise BelowFloor unless this device may sign (or reveal for) a survivor set of m with threshold t.
+
+        The aggregator learns the sum over the survivors, so a set must hold at least two inputs
+        and at least t (the protocol's own rule). ``min_cohort`` is not applied here: it floors the
+        round as announced, and the dropouts a threshold allows are what t is for (with a floor of
+        3 on survivors, a 3-device fleet lost every round in which one device dropped out).
+        """
+        if m < max(2, t):
+            raise BelowFloor(f"{m} survivors, below max(2, threshold {t}): not signing")

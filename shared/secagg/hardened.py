@@ -206,7 +206,7 @@ def client_reveal(state: HardenedClient, msg: AdvertList, ident: Identity) -> tu
         raise PeerVerificationError(f"the advert list leaves out {n - len(nodes)} of the {n} committed participants, "
                                     f"more than the n - t = {n - p.threshold} the round can lose")
     if ident.floors is not None:
-        ident.floors.check_survivors(len(nodes))
+        ident.floors.check_survivors(len(nodes), p.threshold)
     new = replace(state, listed=tuple(msg.entries), list_hash=list_hash(msg.entries))
     return new, SeedReveal(p.round_id, me, state.rho)
 
@@ -271,7 +271,7 @@ def client_consistency(state: HardenedClient, req: ConsistencyRequest, ident: Id
     if me not in surv or not set(surv) <= set(inner.params.node_ids):
         raise ProtocolError("survivor set does not list this device, or lists strangers")
     if ident.floors is not None:
-        ident.floors.check_survivors(len(surv))
+        ident.floors.check_survivors(len(surv), inner.params.threshold)
     assert ident.keys is not None
     device = ident.device_of[me]
     sig = crypto.sign(_consistency_payload(req.round_id, req.list_hash, surv), ident.keys,

@@ -104,6 +104,17 @@ def _sign_and_answer(p, clients, idents, srv, told: dict[int, tuple[int, ...]], 
     return answers, refused
 
 
+@pytest.mark.parametrize(("m", "t", "signs"), [(2, 2, True), (1, 2, False), (2, 3, False), (3, 3, True), (1, 1, False)])
+def test_a_survivor_set_is_signed_only_at_two_or_more_and_at_least_t(m: int, t: int, signs: bool) -> None:
+    """The aggregator learns the survivors' sum: never one input, never fewer than t. The cohort
+    floor (3) is not applied to survivors, so a 3-device round still survives one dropout."""
+    if signs:
+        Floors().check_survivors(m, t)
+    else:
+        with pytest.raises(BelowFloor, match="survivors"):
+            Floors().check_survivors(m, t)
+
+
 # ---------------------------------------------------------------------------------------------- 2
 
 
