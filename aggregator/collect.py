@@ -102,6 +102,10 @@ class Collector:
         self.last_seq: dict[str, int] = {}
         self.online: dict[str, int] = {}  # device -> num_examples it reported
         self.release_acks: dict[str, str] = {}  # device -> "installed ID" or "refused ID: why"
+        # device -> the release it says is current ("" none), from its last "online" status: what
+        # a release it lacks is resent against (issue 23). Absent: it has not said (yet).
+        self.device_release: dict[str, str] = {}
+        self._started_at: dict[str, float] = {}  # device -> when a new process of it last said "online" (monotonic)
         self.book: RoundBook | None = None
         self.link: Any = None
         self.digest = ""  # the student base every update must be for
@@ -293,6 +297,10 @@ class Collector:
                 log.info("device %s online (%s)", device, st.profile)
             self.online[device] = st.num_examples
             self._online_at[device] = time.monotonic()
+            if st.release is not None:
+                self.device_release[device] = st.release
+            if st.detail == M.STARTED and not retained:
+                self._started_at[device] = time.monotonic()
             self._suspects.pop(device, None)
             b = self.book
             resumes = M.resumed_round(st.detail)
@@ -472,12 +480,22 @@ class Collector:
         b.count(device, "down", kind, n)
         return n
 
+    RELEASE_RESENDS = 2  # per device and delivery: a device that restarts more often than this waits for the next one
+
     def send_release(self, devices: list[str], msg: M.Release, rnd: int, release_id: str, timeout_s: float) -> dict[str, Any]:
-        """Send the release to each device (chunked, signed for that device) and wait for their answers."""
+        """Send the release to each device (chunked, signed for that device) and wait for their answers.
+
+        A device that restarts meanwhile (a new process says "online", e.g. it was killed while
+        installing) lost what it had received: it is sent the release again at once, instead of
+        being waited for until the deadline and then forgotten (issue 23)."""
         from fl_mqtt.transfer import send
 
-        sent = {d: send(self.link, topics.down(d, "release"), topics.down(d, "chunk"), self.wrap(msg, rnd, d), self.policy)
-                for d in devices}
+        def send_one(d: str) -> int:
+            return send(self.link, topics.down(d, "release"), topics.down(d, "chunk"), self.wrap(msg, rnd, d), self.policy)
+
+        sent = {d: send_one(d) for d in devices}
+        sent_at = {d: time.monotonic() for d in devices}
+        resent = {d: 0 for d in devices}
         deadline = time.monotonic() + timeout_s
 
         def answered() -> set[str]:
@@ -487,11 +505,19 @@ class Collector:
             inc = self.link.get(timeout=0.5)
             if inc is not None:
                 self.dispatch(inc.topic, inc.payload, inc.wire_bytes, getattr(inc, "retain", False))
+            for d in set(devices) - answered():
+                if self._started_at.get(d, 0.0) > sent_at[d] and resent[d] < self.RELEASE_RESENDS:
+                    resent[d] += 1
+                    log.warning("device %s restarted before it answered release %s: sending it again", d, release_id)
+                    sent[d] += send_one(d)
+                    sent_at[d] = time.monotonic()
+                    deadline = max(deadline, sent_at[d] + timeout_s / 2)
         acks = {d: self.release_acks.get(d, "") for d in devices}
         return {"down_bytes": sent,
                 "installed": sorted(d for d, a in acks.items() if a == f"installed {release_id}"),
                 "refused": {d: a for d, a in acks.items() if a.startswith("refused") and release_id in a},
-                "no_answer": sorted(d for d in devices if release_id not in acks[d])}
+                "no_answer": sorted(d for d in devices if release_id not in acks[d]),
+                **({"resent": {d: k for d, k in resent.items() if k}} if any(resent.values()) else {})}
 
     def broadcast_shutdown(self, rnd: int) -> None:
         try:

@@ -22,6 +22,7 @@ from typing import Any
 
 from shared import release
 from shared.crypto import DeviceKeys
+from shared.errors import ConfigError
 from shared.datasets import Example
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,48 @@ def _int8_release(peft_model: Any, tok: Any, base: str, work: Path, prompts: lis
     return parity
 
 
+def clean_stale(root: Path) -> list[str]:
+    """Remove the ``.build-*`` directories a stopped aggregator left (never published: a release
+    is renamed into place only once it is signed); returns their names."""
+    gone = []
+    for p in sorted(root.glob(".build-*")) if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone
+
+
+def find_built(root: Path, rnd: int, key_public: Any, fleet: str) -> Built | None:
+    """A release of round ``rnd`` on disk whose signed manifest and files verify: one that was
+    built and signed before the aggregator stopped, and is not built again."""
+    for rid, m in sorted(kept(root, key_public, fleet).items()):
+        if m.round == rnd and not m.rollback_of:
+            d = root / rid
+            try:
+                release.check_files(m, d)
+            except Exception as e:  # noqa: BLE001 - a damaged one is rebuilt
+                log.warning("release %s on disk does not verify (%s); building it again", rid, e)
+                continue
+            return Built(m, d, (d / release.MANIFEST).read_bytes())
+    return None
+
+
+def load_built(root: Path, signed: bytes, key_public: Any, fleet: str) -> Built:
+    """The release a stored signed manifest names, its files checked again: what a resend sends.
+    ``ProtocolError``/``ConfigError`` when it is gone or damaged."""
+    m = release.verify(signed, key_public, fleet)
+    d = root / m.release_id
+    if not d.is_dir():
+        raise ConfigError(f"release {m.release_id} is not under {root} any more")
+    release.check_files(m, d)
+    return Built(m, d, signed)
+
+
+def write_latest(root: Path, b: Built) -> None:
+    (root / "latest.json").write_text(json.dumps({"release_id": b.manifest.release_id, "round": b.manifest.round,
+                                                  "bytes": sum(f.size for f in b.manifest.files),
+                                                  "parity": b.manifest.parity}, indent=2))
+
+
 def _prune(root: Path, keep: int) -> None:
     dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.stat().st_mtime, reverse=True)
@@ -138,7 +181,6 @@ def current_id(root: Path) -> str | None:
 
 def request_rollback(root: Path, to: str, reason: str, key_public: Any, fleet: str) -> str:
     """Check the target and leave the request for the service; returns the release it replaces."""
-    from shared.errors import ConfigError
 
     have = kept(root, key_public, fleet)
     cur = current_id(root)
@@ -156,7 +198,6 @@ def make_rollback(root: Path, to: str, replaces: str, key: DeviceKeys, fleet: st
     """The kept release ``to``, its manifest signed again as a rollback of ``replaces``."""
     from dataclasses import replace as dc_replace
 
-    from shared.errors import ConfigError
 
     d = root / to
     if not (d / release.MANIFEST).exists():

@@ -63,7 +63,7 @@ def _relay(col: Collector, b: RoundBook, out: dict[int, object]) -> None:
 
 
 def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: float, quorum: int,
-        authority: Any, certs: Mapping[str, bytes]) -> SecureResult | None:
+        authority: Any, certs: Mapping[str, hardened.EnrolledCert]) -> SecureResult | None:
     """The SecAgg+ stages; None below quorum. Raises SecAggAbort below the threshold.
 
     With ``authority`` (the fleet authority's public key; ``certs`` the enrolled devices'

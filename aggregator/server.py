@@ -14,6 +14,7 @@ evaluate, record.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -34,11 +35,14 @@ from aggregator.strategy import Reply, make_strategy, weighted_mean
 from shared import messages as M
 from shared import secagg, sparse, update_codec
 from shared.crypto import load_private_keys
+from shared.secagg import hardened
 from shared.datasets import Example, load_file
+from shared.ledger import Ledger
 from shared.errors import ConfigError, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
 
+AUDIT_LOG = "audit.jsonl"  # under out_dir: the aggregator's signed, chained audit log (shared.ledger)
 ROUND_SUMMARY = "round.json"  # beside a committed round's adapters: who took part (record_committed_round)
 
 
@@ -70,6 +74,12 @@ def load_public(path: str) -> list[Example]:
     return [e for f in files for e in load_file(f, family=f.stem if p.is_dir() else None)]
 
 
+def release_scheduled(cfg: AggregatorConfig, rnd: int) -> bool:
+    """Whether round ``rnd``, when it completes, gets a release: the last round, and every ``every``."""
+    rc = cfg.release
+    return rc.enabled and (rnd == cfg.rounds or (rc.every > 0 and rnd % rc.every == 0))
+
+
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, fresh: bool = False) -> None:
         self.cfg = cfg
@@ -80,9 +90,11 @@ class Aggregator:
                                       seed=cfg.seed, momentum=cfg.server_momentum, beta2=cfg.server_beta2, tau=cfg.server_tau)
         keys, pubkeys = None, {}
         self.authority: Any = None
-        self.certs: dict[str, bytes] = {}
+        self.certs: dict[str, hardened.EnrolledCert] = {}
         self.release_key: Any = None
+        self.audit: Ledger | None = None
         self._released_loss: float | None = None
+        self._resends: dict[tuple[str, str], int] = {}  # (release, device) -> times deliver_latest sent it
         if cfg.insecure:
             log.warning("SECURITY OFF (insecure = true): updates are accepted unencrypted and unsigned, and "
                         "announcements go unsigned. Debug use only.")
@@ -91,6 +103,9 @@ class Aggregator:
             assert cfg.keys is not None and cfg.registry is not None
             keys = load_private_keys(cfg.keys)
             self.release_key = keys  # signs release manifests
+            # What the aggregator did and saw, per round and release, signed and chained like a
+            # device's ledger (shared.ledger): `fl-audit check` holds the two against each other.
+            self.audit = Ledger(self.out / AUDIT_LOG, "aggregator", keys)
             pubkeys = registry.load(cfg.registry)
             if cfg.devices:
                 missing = sorted(set(cfg.devices) - set(pubkeys))
@@ -103,7 +118,8 @@ class Aggregator:
                 from shared.crypto import load_public_keys
 
                 self.authority = load_public_keys(cfg.authority)
-                self.certs = registry.certificates(cfg.registry)
+                # parsed once here, so a round's advert stage checks only each advert's signature
+                self.certs = hardened.enrolled_certs(registry.certificates(cfg.registry))
                 if cfg.secagg:
                     uncertified = sorted(enrolled - set(self.certs))
                     if uncertified:
@@ -376,40 +392,139 @@ class Aggregator:
 
     # -- the service ---------------------------------------------------------------------------
     def _release_due(self, rnd: int, rec: RoundRecord) -> bool:
-        rc = self.cfg.release
-        if not rc.enabled or rec.status != "ok":
-            return False
-        return rnd == self.cfg.rounds or (rc.every > 0 and rnd % rc.every == 0)
+        return rec.status == "ok" and release_scheduled(self.cfg, rnd)
 
     def release(self, rnd: int, rec: RoundRecord) -> dict[str, Any]:
-        """The global student as a signed ONNX release under out/releases (aggregator.release)."""
-        from aggregator.release import make_release
-
-        assert self.student is not None and self.mode is not None
+        """The global student as a signed ONNX release under out/releases (aggregator.release),
+        sent to the devices online; the store keeps it as due, then built, and who installed it."""
         rc = self.cfg.release
         if self.release_key is None:
             log.warning("no release: releases are signed and insecure mode has no aggregator key")
             return {"published": False, "reason": "insecure: no signing key"}
+        assert self.store is not None
         if rc.only_if_improved and rnd != self.cfg.rounds and self._released_loss is not None \
                 and rec.mean_loss >= self._released_loss:
-            return {"published": False, "reason": f"held-out loss {rec.mean_loss:.4f} not below the last release's "
-                                                  f"{self._released_loss:.4f}"}
+            reason = f"held-out loss {rec.mean_loss:.4f} not below the last release's {self._released_loss:.4f}"
+            self.store.release_skipped(rnd, reason)
+            return {"published": False, "reason": reason}
         t = time.monotonic()
-        built = make_release(self.student.peft, self.student.tok, base=self.cfg.student, root=self.out / "releases", rnd=rnd,
-                             mode=self.mode.name, fleet=rc.fleet, key=self.release_key, heldout=self.eval_examples,
-                             int8=rc.int8, keep=rc.keep)
+        built = self.build_release(rnd)
         if built is None:
             return {"published": False, "reason": "parity gate failed (see the aggregator log)"}
         self._released_loss = rec.mean_loss
         m = built.manifest
-        msg = M.Release(manifest=built.signed,
-                        files=tuple(M.ReleaseFile(f.name, (built.directory / f.name).read_bytes()) for f in m.files))
-        delivery = self.col.send_release(sorted(self.online), msg, rnd, m.release_id, self.cfg.round_timeout_s)
-        log.info("release %s: installed on %d of %d devices%s", m.release_id, len(delivery["installed"]), len(self.online),
-                 f"; refused by {delivery['refused']}" if delivery["refused"] else "")
+        delivery = self.deliver(built, sorted(self.online), rnd)
         return {"published": True, "release_id": m.release_id, "bytes": sum(f.size for f in m.files),
                 "files": {f.name: f.size for f in m.files}, "quantization": m.quantization, "parity": m.parity,
                 "seconds": round(time.monotonic() - t, 1), **delivery}
+
+    def build_release(self, rnd: int) -> Any:
+        """Build and sign round ``rnd``'s release from the current student; None when the parity
+        gate fails. Marked due in the store first, so a stop while building is made good at the
+        next start (``resume_releases``)."""
+        from aggregator.release import make_release
+
+        assert self.student is not None and self.mode is not None and self.store is not None
+        rc = self.cfg.release
+        self.store.release_due(rnd)
+        built = make_release(self.student.peft, self.student.tok, base=self.cfg.student, root=self.out / "releases", rnd=rnd,
+                             mode=self.mode.name, fleet=rc.fleet, key=self.release_key, heldout=self.eval_examples,
+                             int8=rc.int8, keep=rc.keep)
+        if built is None:
+            self.store.release_skipped(rnd, "parity gate failed")
+            return None
+        self.store.release_built(rnd, built.manifest.release_id, built.signed)
+        self._audit_release(built, rnd)
+        return built
+
+    def _audit_release(self, built: Any, rnd: int, detail: str = "") -> None:
+        if self.audit is not None:
+            m = built.manifest
+            self.audit.append("release", rnd, sum(f.size for f in m.files), hashlib.sha256(built.signed).hexdigest(),
+                              {"release_id": m.release_id, "files": {f.name: f.sha256 for f in m.files},
+                               **({"rollback_of": m.rollback_of} if m.rollback_of else {}), **({"note": detail} if detail else {})})
+
+    def deliver(self, built: Any, devices: list[str], rnd: int) -> dict[str, Any]:
+        """Send a built release to ``devices``, wait for their answers, and keep them in the store."""
+        assert self.store is not None
+        m = built.manifest
+        msg = M.Release(manifest=built.signed,
+                        files=tuple(M.ReleaseFile(f.name, (built.directory / f.name).read_bytes()) for f in m.files))
+        delivery = self.col.send_release(devices, msg, rnd, m.release_id, self.cfg.round_timeout_s)
+        outcome = {d: "installed" for d in delivery["installed"]}
+        outcome |= {d: f"refused: {why}" for d, why in delivery["refused"].items()}
+        outcome |= {d: "no answer" for d in delivery["no_answer"]}
+        self.store.delivered(m.release_id, outcome)
+        if self.audit is not None:
+            self.audit.append("delivery", rnd, 0, "", {"release_id": m.release_id, "outcome": outcome})
+        log.info("release %s: installed on %d of %d devices%s%s", m.release_id, len(delivery["installed"]), len(devices),
+                 f"; refused by {delivery['refused']}" if delivery["refused"] else "",
+                 f"; no answer from {delivery['no_answer']} (sent again when they say they lack it)" if delivery["no_answer"] else "")
+        return delivery
+
+    def resume_releases(self) -> None:
+        """At start: remove stale builds, build the release that was owed when the aggregator
+        stopped (killed while exporting, or after the commit and before the release), and record
+        one that was signed but not recorded (killed right after signing). Issue 23."""
+        from aggregator import release as rel
+
+        root = self.out / "releases"
+        gone = rel.clean_stale(root)
+        if gone:
+            log.warning("removed %s: release builds the last aggregator process did not finish", ", ".join(gone))
+        if self.store is None or self.release_key is None or not self.cfg.release.enabled or self.round == 0:
+            return
+        rows, due = self.store.releases(), self.store.due_release()
+        if due is not None and due.round != self.round:
+            self.store.release_skipped(due.round, f"the aggregator stopped while building it; round {self.round}'s "
+                                                  "model is the current one")
+            due = None
+        owed = due is not None or (release_scheduled(self.cfg, self.round) and not any(r.round == self.round for r in rows))
+        if not owed:
+            return
+        found = rel.find_built(root, self.round, self.release_key.public, self.cfg.release.fleet)
+        if found is not None:
+            log.warning("release %s was signed before the aggregator stopped; recording it", found.manifest.release_id)
+            rel.write_latest(root, found)
+            self.store.release_built(self.round, found.manifest.release_id, found.signed, detail="recorded after a restart")
+            self._audit_release(found, self.round, "recorded after a restart")
+        else:
+            log.warning("round %d's release was owed when the aggregator stopped: building it now", self.round)
+            self.build_release(self.round)
+
+    # A device online that never answers (or keeps failing to install) is sent the latest release
+    # this many times per aggregator process, so it cannot stall every round by a delivery wait.
+    MAX_RESENDS = 3
+
+    def deliver_latest(self) -> dict[str, Any] | None:
+        """Send the latest release to every online device that says it has another one, or none
+        (it missed the delivery, was killed while installing, or restarted): resent until each
+        has it, or refused it."""
+        from aggregator import release as rel
+
+        if self.store is None or self.release_key is None:
+            return None
+        latest = self.store.latest_release()
+        if latest is None or latest.release_id is None or latest.manifest is None:
+            return None
+        rid = latest.release_id
+        done = self.store.deliveries(rid)
+        lacking = sorted(d for d in self.online
+                         if d in self.col.device_release and self.col.device_release[d] != rid
+                         and self.col.release_acks.get(d) != f"installed {rid}" and not done.get(d, "").startswith("refused")
+                         and self._resends.get((rid, d), 0) < self.MAX_RESENDS)
+        if not lacking:
+            return None
+        try:
+            built = rel.load_built(self.out / "releases", latest.manifest, self.release_key.public, self.cfg.release.fleet)
+        except (ProtocolError, ConfigError) as e:
+            log.error("release %s cannot be sent again: %s", rid, e)
+            return None
+        for d in lacking:
+            self._resends[(rid, d)] = self._resends.get((rid, d), 0) + 1
+        log.warning("release %s: sending it to %s, which say they have %s", rid, lacking,
+                    ", ".join(sorted({self.col.device_release[d] or "none" for d in lacking})))
+        return self.deliver(built, lacking, self.shutdown_round)
 
     def rollback_if_requested(self) -> dict[str, Any] | None:
         """Announce the signed rollback ``fl-agg rollback`` asked for, if any (aggregator.release)."""
@@ -419,6 +534,7 @@ class Aggregator:
         req_path = root / rel.ROLLBACK_REQUEST
         if not req_path.exists() or self.release_key is None:
             return None
+        assert self.store is not None
         req = json.loads(req_path.read_text())
         req_path.unlink()
         try:
@@ -427,9 +543,9 @@ class Aggregator:
             log.error("rollback to %s NOT announced: %s", req.get("to"), e)
             return None
         m = built.manifest
-        msg = M.Release(manifest=built.signed,
-                        files=tuple(M.ReleaseFile(f.name, (built.directory / f.name).read_bytes()) for f in m.files))
-        delivery = self.col.send_release(sorted(self.online), msg, self.round, m.release_id, self.cfg.round_timeout_s)
+        self.store.release_built(self.round, m.release_id, built.signed, detail=f"rollback of {m.rollback_of}")
+        self._audit_release(built, self.round)
+        delivery = self.deliver(built, sorted(self.online), self.shutdown_round)
         entry = {"to": m.release_id, "replaces": m.rollback_of, "reason": req.get("reason", ""), "after_round": self.round,
                  **delivery}
         rel.record_rollback(root, entry)
@@ -449,6 +565,25 @@ class Aggregator:
         self.link.connect()
         self.link.subscribe(topics.up_filter())
 
+    def _record(self, metrics: Path, rec: RoundRecord) -> None:
+        """The round's record in ``metrics.jsonl`` and, signed and chained, in the audit log."""
+        record.append(metrics, rec)
+        if self.audit is not None:
+            self.audit.append("round", rec.round, 0, "", {
+                "status": rec.status, "mode": rec.mode, "participants": rec.participants, "received": rec.received,
+                "drop_reasons": rec.drop_reasons, "secagg": rec.secagg,
+                # What the aggregator saw in clear: the sum only under secure aggregation.
+                "decrypted": "aggregate only" if rec.secagg else ("each update" if rec.received else "nothing"),
+                "model_sha256": self._model_digest() if rec.status in ("ok", "baseline") else None,
+                **({"abandon_reason": rec.abandon_reason} if rec.abandon_reason else {}),
+                **({"release": {k: rec.release[k] for k in ("published", "release_id", "reason", "installed") if k in rec.release}}
+                   if rec.release else {})})
+
+    def _model_digest(self) -> str | None:
+        st = self.store.state() if self.store is not None else None
+        f = Path(st.checkpoint) / "adapter_model.safetensors" if st is not None else None
+        return hashlib.sha256(f.read_bytes()).hexdigest() if f is not None and f.exists() else None
+
     def record_committed_round(self, metrics: Path) -> None:
         """A restart after the last committed round's model was saved but before its record was
         written (the aggregator stopped while evaluating or releasing): write that record now, from
@@ -460,10 +595,10 @@ class Aggregator:
         summary_file = Path(st.checkpoint) / ROUND_SUMMARY if st is not None else None
         summary = json.loads(summary_file.read_text()) if summary_file is not None and summary_file.exists() else {}
         log.warning("round %d was committed (its model is the resumed one) but its record was not written: the "
-                    "aggregator stopped after the commit; recording it now, evaluated again, without a release", self.round)
+                    "aggregator stopped after the commit; recording it now, evaluated again (its release, if one was due, is built once the devices are back)", self.round)
         student, teacher = self.evaluate()
         participants, received = list(summary.get("participants", [])), list(summary.get("received", []))
-        record.append(metrics, RoundRecord(
+        self._record(metrics, RoundRecord(
             round=self.round, status="ok", mode=self.mode.name, student=student, teacher=teacher, participants=participants,
             received=received, dropped=sorted(set(participants) - set(received)),
             drop_reasons=dict(summary.get("drop_reasons", {})), secagg=bool(summary.get("secagg", False)),
@@ -489,7 +624,7 @@ class Aggregator:
         why = next((d for _, p, d in reversed(self.store.phases(a)) if p == "abandoned"), "")
         log.warning("round %d was announced but the aggregator stopped before it ended: recording it as interrupted", a)
         student, teacher = self.evaluate()
-        record.append(metrics, RoundRecord(
+        self._record(metrics, RoundRecord(
             round=a, status="interrupted" if not why else "abandoned", mode=self.mode.name, student=student, teacher=teacher,
             abandon_reason=why or "the aggregator stopped during the round; the model is the last committed round's",
             note="recorded after a restart: the round's participants, bytes and losses were lost with the process"))
@@ -504,24 +639,27 @@ class Aggregator:
             if self.round == 0 and self.announced == 0:
                 assert self.mode is not None
                 student, teacher = self.evaluate()
-                record.append(metrics, RoundRecord(round=0, status="baseline", mode=self.mode.name, student=student, teacher=teacher,
+                self._record(metrics, RoundRecord(round=0, status="baseline", mode=self.mode.name, student=student, teacher=teacher,
                                                    samples=self.samples()))
                 log.info("round 0 (before training): mean held-out loss %.4f", student.private.mean_loss)
             self.wait_for_devices()
+            self.resume_releases()
             for rnd in range(checkpoint.next_round(self.round, self.announced), self.cfg.rounds + 1):
                 if len(self.online) < self.cfg.quorum:
                     self.wait_for_devices()
                 self.rollback_if_requested()
+                self.deliver_latest()  # to a device that missed one (nothing to do, and no wait, when all have it)
                 rec = self.run_round(rnd)
                 if self._release_due(rnd, rec):
                     rec = dataclasses.replace(rec, release=self.release(rnd, rec))
-                record.append(metrics, rec)
+                self._record(metrics, rec)
                 em = rec.mean_exact_match
                 log.info("round %d %s: %d/%d updates, mean held-out loss %.4f, exact match %s%s",
                          rnd, rec.status, len(rec.received), len(rec.participants), rec.mean_loss,
                          "n/a" if em is None else f"{em:.3f}",
                          f", teacher loss {rec.teacher.private.mean_loss:.4f}" if rec.teacher else "")
             self.rollback_if_requested()
+            self.deliver_latest()  # every device ends the run with the latest release
         finally:
             self.col.broadcast_shutdown(self.shutdown_round)
             self.link.close()

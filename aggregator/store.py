@@ -18,6 +18,10 @@ What is kept:
   round boundary: a message accepted after the last commit belongs to a round that the crash
   interrupted, and that round's number is refused after a restart anyway.
 - ``phases``: each round's phase boundaries (announced, applied, abandoned), for the operator.
+- ``releases`` and ``deliveries``: each release as due (before it is built), built (its id and
+  signed manifest) or skipped (why), and per device what became of it (installed, refused, no
+  answer). A restart rebuilds a release that was due and never built and resends the latest to
+  every device that lacks it (issue 23: before, a release was sent once and forgotten).
 
 The enrolled-device registry stays the operator's file (``fl-agg enroll``): the service only
 reads it.
@@ -49,11 +53,28 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS arrays (name TEXT PRIMARY KEY, npz BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS replay (device TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS phases (round INTEGER NOT NULL, phase TEXT NOT NULL, at REAL NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (seq INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, state TEXT NOT NULL,
+                                     release_id TEXT, manifest BLOB, at REAL NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (release_id TEXT NOT NULL, device TEXT NOT NULL, status TEXT NOT NULL, at REAL NOT NULL,
+                                       PRIMARY KEY (release_id, device));
 """
 
 
 class StoreError(ConfigError):
     """The state file is unreadable or from another schema; the message names the file (one line at the CLI)."""
+
+
+@dataclass(frozen=True)
+class ReleaseRow:
+    """One release the store knows of: ``due`` (to build, from round ``round``'s model), ``built``
+    (``release_id`` and its signed ``manifest``: what a resend sends) or ``skipped`` (``detail``)."""
+
+    seq: int
+    round: int
+    state: str
+    release_id: str | None
+    manifest: bytes | None
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,25 @@ class Store:
         q = "SELECT round, phase, detail FROM phases" + (" WHERE round = ?" if rnd is not None else "") + " ORDER BY rowid"
         return [(int(r), str(p), str(d)) for r, p, d in self.db.execute(q, () if rnd is None else (rnd,))]
 
+    def releases(self) -> list[ReleaseRow]:
+        rows = self.db.execute("SELECT seq, round, state, release_id, manifest, detail FROM releases ORDER BY seq")
+        return [ReleaseRow(int(q), int(r), str(st), rid, None if m is None else bytes(m), str(d)) for q, r, st, rid, m, d in rows]
+
+    def latest_release(self) -> ReleaseRow | None:
+        """The last release built (a rollback counts: its re-signed manifest is what devices need)."""
+        built = [r for r in self.releases() if r.state == "built"]
+        return built[-1] if built else None
+
+    def due_release(self) -> ReleaseRow | None:
+        """A release marked due and neither built nor skipped since: the aggregator stopped while building it."""
+        rows = self.releases()
+        return rows[-1] if rows and rows[-1].state == "due" else None
+
+    def deliveries(self, release_id: str) -> dict[str, str]:
+        """Device -> what became of ``release_id`` on it (installed, refused: why, no answer)."""
+        return {str(d): str(s) for d, s in self.db.execute("SELECT device, status FROM deliveries WHERE release_id = ?",
+                                                            (release_id,))}
+
     # -- writes: each one transaction -----------------------------------------------------------
     def _set_meta(self, kv: Mapping[str, str]) -> None:
         self.db.executemany("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -183,6 +223,34 @@ class Store:
         with self._tx():
             self._put_replay(replay)
             self._phase(rnd, "abandoned", reason)
+
+    def release_due(self, rnd: int) -> None:
+        """Before a release is built: a restart then knows one was owed if the build never finished."""
+        with self._tx():
+            self.db.execute("INSERT INTO releases(round, state, at, detail) VALUES(?, 'due', ?, '')", (rnd, time.time()))
+
+    def release_built(self, rnd: int, release_id: str, manifest: bytes, detail: str = "") -> None:
+        """The release is signed and in place: the due row (if any) becomes built, in one commit."""
+        with self._tx():
+            self._close_due(rnd, "superseded")
+            self.db.execute("INSERT INTO releases(round, state, release_id, manifest, at, detail) VALUES(?, 'built', ?, ?, ?, ?)",
+                            (rnd, release_id, manifest, time.time(), detail))
+
+    def release_skipped(self, rnd: int, reason: str) -> None:
+        with self._tx():
+            self._close_due(rnd, "superseded")
+            self.db.execute("INSERT INTO releases(round, state, at, detail) VALUES(?, 'skipped', ?, ?)", (rnd, time.time(), reason))
+
+    def _close_due(self, rnd: int, why: str) -> None:
+        # A due row is closed by what came of it (the row after it says what), so it never stays open.
+        self.db.execute("UPDATE releases SET state = 'closed', detail = ? WHERE state = 'due' AND round <= ?", (why, rnd))
+
+    def delivered(self, release_id: str, outcome: Mapping[str, str]) -> None:
+        """What each device answered for ``release_id``: ``installed``, ``refused: why``, ``no answer``."""
+        with self._tx():
+            self.db.executemany("INSERT INTO deliveries(release_id, device, status, at) VALUES(?, ?, ?, ?) ON CONFLICT"
+                                "(release_id, device) DO UPDATE SET status = excluded.status, at = excluded.at",
+                                [(release_id, d, st, time.time()) for d, st in outcome.items()])
 
     def _put_replay(self, replay: Mapping[str, int]) -> None:
         # Only ever up: a counter that went down would let an old message through again.

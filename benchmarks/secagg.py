@@ -302,7 +302,7 @@ class HardenedOursServer(OursServer):
                  authority_pub: Any, certs: dict[str, bytes]) -> None:
         super().__init__(p, cfg)
         self.ident = hardened.Identity(device_of, authority_pub)
-        self.certs = certs
+        self.certs = hardened.enrolled_certs(certs)  # as the aggregator does when it loads its registry
 
     def init(self) -> None:
         self.state = hardened.server_init(self.p)

@@ -72,6 +72,19 @@ def plan(args: argparse.Namespace) -> None:
     sys.stdout.write(json.dumps({**p.to_json(), "model": args.model, "params": shape.params}, indent=2) + "\n")
 
 
+def doctor(args: argparse.Namespace) -> int:
+    """Print the checklist (edge_client.doctor); 1 when any check fails."""
+    from edge_client import doctor as dr
+    from edge_client.config import load
+
+    checks = dr.run(load(args.config), broker_timeout=args.timeout, login=args.login)
+    for c in checks:
+        sys.stdout.write(c.line() + "\n")
+    failed = [c.name for c in checks if c.verdict == dr.FAIL]
+    sys.stdout.write(f"{len(checks)} checks, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "") + "\n")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-edge", description="FL-MiniLLM edge client")
     ap.add_argument("--log-level", default="INFO")
@@ -99,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--rank", type=int, default=16, help="LoRA rank the rounds ask for")
     pl.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated LoRA target modules")
+    dr = sub.add_parser("doctor", help="a checklist of why this device would not join (exit 1 on any failure)")
+    dr.add_argument("--config", required=True, help="device config (.json or .toml)")
+    dr.add_argument("--login", action="store_true", help="also log in to the broker as the device (only with the device's "
+                                                         "client stopped: the broker keeps one session per account)")
+    dr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     kg = sub.add_parser("keygen", help="create this device's signing and encryption keys")
     kg.add_argument("--out", required=True, type=Path, help="directory for device.key and device.pub.json")
     kg.add_argument("--force", action="store_true", help="overwrite an existing private key")
@@ -106,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from fl_mqtt.link import LinkError
 
-    def body() -> None:
+    def body() -> int | None:
         if args.cmd == "keygen":
             keygen(args.out, args.force)
         elif args.cmd == "generate":
             generate(args)
         elif args.cmd == "plan":
             plan(args)
+        elif args.cmd == "doctor":
+            return doctor(args)
         else:
             from dataclasses import replace
 

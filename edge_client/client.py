@@ -15,6 +15,7 @@ deadline continues that round where it stopped instead of dropping out of it.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import zlib
 from dataclasses import replace
@@ -35,6 +36,7 @@ from shared.chunking import Chunk, ChunkPolicy, Manifest, Reassembler, UploadJou
 from shared.crypto import load_private_keys, load_public_keys
 from shared.crypto import signed_payload as crypto_payload
 from shared.datasets import Example, load_file
+from shared.ledger import Ledger
 from shared.errors import ConfigError, ProtocolError, ReplayError, SchemaError
 from shared.profiles import load_profile
 
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # The detail of an "online" status: a new process, or the same one back after a broker outage.
 STARTED, RECONNECTED = M.STARTED, M.RECONNECTED
+LEDGER_FILE = "ledger.jsonl"  # under the work dir: what left this device (shared.ledger)
+RELEASE_STAGING = "release-staging"  # under the work dir: a release's files as received, before install
 
 
 class EdgeClient:
@@ -67,11 +71,15 @@ class EdgeClient:
             log.warning("%s: allow_plain_rounds = true: this device takes rounds WITHOUT secure aggregation, in which "
                         "the aggregator sees its update", cfg.device_id)
         self.policy = ChunkPolicy(max_message_bytes=cfg.chunk_bytes)
+        # Every message this device seals or signs for sending, hash-chained and signed, for an
+        # auditor (shared.ledger; `fl-audit verify WORK_DIR/ledger.jsonl --key PUBLIC_KEY`).
+        self.ledger = Ledger(self.work / LEDGER_FILE, cfg.device_id, self.keys) if self.keys is not None else None
         self.outbox = UploadJournal(self.work / "outbox")
         self.downloads = Reassembler(max_transfers=4, max_transfer_bytes=1 << 30, max_total_bytes=1 << 30)
         # Sequence number and last round seen survive a restart (edge_client/state.py).
         self._state = device_state.load(self.work)
         self._model: Any = None
+        self._release_id: str | None = None  # the current release's id, read once (current_release_id)
         self._tok: Any = None
         self._peft: Any = None
         self._lora: M.LoraSpec | None = None
@@ -312,14 +320,19 @@ class EdgeClient:
             return M.encode(msg)
         assert self.keys is not None and self.agg_pub is not None
         if sealed:
-            return secure.seal_message(msg, round=rnd, device_id=self.cfg.device_id, sender=self.keys, recipient=self.agg_pub)
-        return secure.sign_message(msg, round=rnd, device_id=self.cfg.device_id, key=self.keys)
+            wire = secure.seal_message(msg, round=rnd, device_id=self.cfg.device_id, sender=self.keys, recipient=self.agg_pub)
+        else:
+            wire = secure.sign_message(msg, round=rnd, device_id=self.cfg.device_id, key=self.keys)
+        # Recorded (and fsync'ed) before the bytes go to the broker: what left is always in the ledger.
+        if self.ledger is not None:
+            self.ledger.record(type(msg).KIND, rnd, wire, msg)
+        return wire
 
     def _status(self, state: str, detail: str = "") -> bytes:
         # The example count is not announced: status is public (signed, not sealed), and under
         # secure aggregation the aggregator must learn weights only as a sum.
         st = M.DeviceStatus(device_id=self.cfg.device_id, state=state, profile=self.profile.name,  # type: ignore[arg-type]
-                            num_examples=0, detail=detail)
+                            num_examples=0, detail=detail, release=self.current_release_id() if state == "online" else None)
         return self._wrap(st, 0, sealed=False)
 
     def _unwrap(self, data: bytes, expect: type[M.Message], device_id: str, check_round: Any) -> M.Message:
@@ -429,6 +442,8 @@ class EdgeClient:
         me = self.cfg.device_id
         self.link.subscribe(topics.bcast_filter())
         self.link.subscribe(topics.down_filter(me))
+        # A release being received when the last process died is resent whole: its staging goes.
+        shutil.rmtree(self.work / RELEASE_STAGING, ignore_errors=True)
         # "started": this process holds no round's secrets, so a round it was in before a
         # restart goes on without it at once (the aggregator drops it) instead of waiting for it.
         # "resuming": it has that round's training checkpoint and finishes it (``resume_round``).
@@ -584,13 +599,24 @@ class EdgeClient:
             raise ConfigError("releases are verified under the aggregator's key; insecure mode cannot install them")
         return ReleaseStore(self.cfg.releases_dir or self.work / "releases", self.agg_pub, self.cfg.fleet)
 
+    def current_release_id(self) -> str | None:
+        """The installed release's id ("" for none), said in every "online" status so that the
+        aggregator resends the latest to a device that lacks it; None where releases are off."""
+        if self._release_id is None and not self.cfg.insecure and self.agg_pub is not None:
+            try:
+                cur = self.release_store().current()  # signature and every digest checked again
+                self._release_id = cur[0].release_id if cur is not None else ""
+            except (ProtocolError, ConfigError, OSError) as e:
+                # A damaged current release is reported as none: the aggregator sends the latest again.
+                log.warning("%s: the current release is unusable (%s); reporting none", self.cfg.device_id, e)
+                self._release_id = ""
+        return self._release_id
+
     def on_release(self, msg: M.Release) -> None:
         """Stage the files, verify and install (edge_client.releases), and say how it went."""
-        import shutil
-
         from shared import release
 
-        staging = self.work / "release-staging"
+        staging = self.work / RELEASE_STAGING
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         rid = "?"
@@ -601,6 +627,8 @@ class EdgeClient:
                     raise ProtocolError(f"release file name {f.name!r} is not a plain name")
                 (staging / f.name).write_bytes(f.data)
             m = self.release_store().install(staging, msg.manifest)
+            self._release_id = m.release_id
+            self.link.birth = (topics.up(self.cfg.device_id, "status"), self._status("online", RECONNECTED))
             self.publish_status("release", f"installed {m.release_id}")
         except (ProtocolError, ConfigError, OSError) as e:
             log.error("%s: release %s refused: %s; keeping the current one", self.cfg.device_id, rid, e)

@@ -27,6 +27,18 @@ class ReleaseStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.aggregator, self.fleet, self.keep = aggregator, fleet, keep
+        self._clean_stale()
+
+    def _clean_stale(self) -> None:
+        """What a process killed mid-install left (a half-copied ``.incoming-*``, a link's ``.tmp``):
+        never current, and the release is sent whole again, so it goes (issue 23)."""
+        for p in [*self.root.glob(".*"), self.root / (self.REVOKED + ".tmp")]:
+            if p.name.startswith(".incoming-") or (p.name.endswith(".tmp") and (p.exists() or p.is_symlink())):
+                log.info("removing %s, left by an install that did not finish", p)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     # -- reading ---------------------------------------------------------------------------------
     def _link(self, name: str) -> Path | None:

@@ -453,10 +453,34 @@ def finish(run: Launched) -> Path:
     failed = no_round_completed(records)
     if not records:  # nothing to report on, not even the baseline
         raise RuntimeError(f"{failed}; logs in {run.fleet.logs}")
+    audit = audit_check(run.out)
+    if audit is not None:
+        settings["audit"] = {"ok": audit["ok"], "problems": len(audit["problems"]), "file": "audit_check.json"}
     report = write_report(run.out, settings, run.baselines)
     if failed:
         raise RuntimeError(f"{failed}; report {report}, logs in {run.fleet.logs}")
     return report
+
+
+def audit_check(out: Path) -> dict | None:
+    """``fl-audit check`` on the run (the aggregator's audit log against every device's ledger),
+    written to OUT/audit_check.json; None where the run was insecure (nothing is signed)."""
+    from shared.audit import cross_check
+    from shared.crypto import load_public_keys
+
+    keys, log_file = out / "keys", out / "audit.jsonl"
+    if not log_file.exists() or not (keys / "aggregator.pub.json").exists():
+        return None
+    devices = {d.name: (d / "ledger.jsonl", load_public_keys(keys / f"{d.name}.pub.json"))
+               for d in sorted((out / "edge").iterdir()) if (d / "ledger.jsonl").exists() and (keys / f"{d.name}.pub.json").exists()}
+    res = cross_check(log_file, load_public_keys(keys / "aggregator.pub.json"), devices)
+    (out / "audit_check.json").write_text(json.dumps(res, indent=2))
+    if res["ok"]:
+        log.info("audit: the aggregator's log and %d device ledgers agree (audit_check.json)", len(devices))
+    else:
+        log.warning("audit: %d mismatch(es) between the aggregator's log and the device ledgers: %s", len(res["problems"]),
+                    "; ".join(res["problems"][:3]))
+    return res
 
 
 def _baselines(student: str, data: prepare.SimData, cap: int) -> dict:

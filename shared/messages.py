@@ -58,6 +58,10 @@ class DeviceStatus(Message):
     profile: str
     num_examples: int
     detail: str
+    # The release the device has installed as current ("" none), in its "online" statuses: the
+    # aggregator resends the latest to a device that lacks it (issue 23). Absent (None) from a
+    # status that does not say, which keeps those statuses' bytes as they were.
+    release: str | None = None
 
 
 # The details of an "online" status that the aggregator acts on (aggregator/collect.py): a new

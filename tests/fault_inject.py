@@ -18,6 +18,11 @@ Faults:
   waits ``FAULT_PAUSE_S`` seconds before it answers the aggregator's unmask request, so a round is
   held in its unmasking step (the aggregator waits for every survivor's shares) while a test
   kills the aggregator.
+- ``nan-secure``: a NaN appears in the update after the device's own check of its delta, as the
+  secure input is built (``edge_client.update_builder.secure``), every round.
+- ``slow-install``: installing a release stops after its first file is copied, writes
+  ``WORK_DIR/installing`` and waits ``FAULT_PAUSE_S`` seconds, so a test can kill the device (or
+  the aggregator) in the middle of an install.
 - ``standby``: loads everything and waits for ``WORK_DIR/go`` before it connects: a restart
   whose start-up cost (imports, model load) was paid before the old process was killed.
 """
@@ -123,6 +128,41 @@ def _slow_unmask(work_dir: Path) -> None:
     hardened.client_unmask = client_unmask
 
 
+def _nan_secure() -> None:
+    import numpy as np
+
+    import edge_client.update_builder as ub
+
+    real = ub.secure
+
+    def secure(delta: Any, *a: Any, **k: Any) -> Any:
+        d = np.array(delta, copy=True)
+        d.reshape(-1)[0] = np.nan
+        return real(d, *a, **k)
+
+    ub.secure = secure
+
+
+def _slow_install(work_dir: Path) -> None:
+    import os
+
+    import edge_client.releases as releases
+
+    pause = float(os.environ.get("FAULT_PAUSE_S", "60"))
+    real = releases.shutil.copyfile
+    copied = {"n": 0}
+
+    def copyfile(src: Any, dst: Any, *a: Any, **k: Any) -> Any:
+        out = real(src, dst, *a, **k)
+        copied["n"] += 1
+        if copied["n"] == 1:
+            (work_dir / "installing").write_text(str(dst))
+            time.sleep(pause)
+        return out
+
+    releases.shutil.copyfile = copyfile  # type: ignore[assignment]
+
+
 def _standby(work_dir: Path) -> None:
     from edge_client.client import EdgeClient
 
@@ -159,6 +199,10 @@ def main() -> None:
         _slow_checkpoint(Path(cfg["work_dir"]))
     elif fault == "slow-unmask":
         _slow_unmask(Path(cfg["work_dir"]))
+    elif fault == "nan-secure":
+        _nan_secure()
+    elif fault == "slow-install":
+        _slow_install(Path(cfg["work_dir"]))
     elif fault == "standby":
         _standby(Path(cfg["work_dir"]))
     else:

@@ -353,3 +353,93 @@ def test_fl_edge_run_killed_after_a_training_checkpoint_resumes_its_round(tiny_m
     assert not (run.out / "edge" / "device-1" / "train_checkpoint.safetensors").exists()
     for r in rounds:
         _check_round_is_the_mean_of_its_accepted_updates(run, r["round"])
+
+
+def test_fl_agg_backup_of_a_running_aggregator_restores_to_its_state(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """Issue 23, acceptance 2: ``fl-agg backup`` (its CLI, another process) while the aggregator
+    runs round 2; then, the run over, the backup restored into an empty directory holds round 1's
+    committed state: the same adapter, bit for bit, and round 2 as announced (never re-announced)."""
+    import sys
+
+    from aggregator import backup, checkpoint
+
+    run = launch(_settings(tmp_path / "run", tiny_models, rounds=2))
+    bk = tmp_path / "bk"
+    try:
+        _wait_for(run.fleet.logs / "aggregator.log", r"round 2: masked_update from device-\d \(1/3\)")
+        r = subprocess.run([sys.executable, "-m", "aggregator.cli", "backup", "--config", str(run.out / "config" / "aggregator.json"),
+                            "--out", str(bk)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert run.aggregator.poll() is None  # it was running throughout
+        finish(run)
+    finally:
+        run.fleet.stop_all(grace=0)
+    assert [r["status"] for r in _rounds(run.out)] == ["ok", "ok"]  # the backup did not disturb the run
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    info = backup.restore(bk, restored)
+    s = checkpoint.open_store(restored)
+    st = s.state()
+    assert st is not None and st.round == info["round"] == 1 and s.announced() == 2
+    a, b = load_adapter(st.checkpoint), load_adapter(checkpoint.checkpoint_dir(run.out, 1))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert checkpoint.next_round(st.round, s.announced()) == 3
+
+
+@pytest.mark.parametrize("where", ["after-check", "residual"])
+def test_a_nan_after_the_devices_check_or_in_its_residual_costs_no_round_its_deadline(where: str, tiny_models: dict[str, str],
+                                                                                      tmp_path: Path) -> None:
+    """Issue 23: a NaN that appears after the device's own check (as its secure input is built),
+    or one NaN written into its ``residual.npy``: before, the device aborted its secure round with
+    a log line and nothing else, and every round waited out its full update deadline. Now the
+    first declines (signed, with the reason) and the round moves on at once; the second is
+    dropped at start with a warning and the device takes part as usual."""
+    run = launch(_settings(tmp_path / "run", tiny_models, rounds=2))
+    try:
+        _kill9(run.fleet.procs["device-2"])
+        if where == "after-check":
+            _device(run, "device-2", "nan-secure")
+        else:
+            work = run.out / "edge" / "device-2"
+            work.mkdir(parents=True, exist_ok=True)
+            bad = np.zeros(64, np.float32)
+            bad[5] = np.nan
+            np.save(work / "residual.npy", bad, allow_pickle=False)
+            _device(run, "device-2")
+        finish(run)
+    finally:
+        run.fleet.stop_all(grace=0)
+    rounds = _rounds(run.out)
+    assert [r["status"] for r in rounds] == ["ok", "ok"]
+    for r in rounds:
+        assert r["time_s"] < ROUND_TIMEOUT / 2, r  # moved on when the device said so, not at the deadline
+        if where == "after-check":
+            assert r["received"] == ["device-0", "device-1"] and "non-finite" in r["drop_reasons"]["device-2"], r
+        else:
+            assert r["received"] == ["device-0", "device-1", "device-2"], r
+    if where == "residual":
+        assert "non-finite values: dropped" in (run.fleet.logs / "device-2-restarted.log").read_text()
+
+
+def test_a_damaged_store_refuses_to_start_and_nothing_is_re_announced(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """Issue 23: after a run, ``aggregator.db`` truncated to 0 bytes with its WAL gone. Before, the
+    restarted aggregator re-recorded round 0 and re-announced rounds the devices had seen. Now
+    ``fl-agg run`` ends with one line naming the file, exit 2, and writes nothing."""
+    import sys
+
+    run = launch(_settings(tmp_path / "run", tiny_models, rounds=1))
+    try:
+        finish(run)
+    finally:
+        run.fleet.stop_all(grace=0)
+    db = run.out / "aggregator.db"
+    metrics = (run.out / "metrics.jsonl").read_bytes()
+    db.write_bytes(b"")
+    for side in ("-wal", "-shm"):
+        (run.out / f"aggregator.db{side}").unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "-m", "aggregator.cli", "run", "--config", str(run.out / "config" / "aggregator.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [x for x in r.stderr.splitlines() if "aggregator.db" in x]
+    assert len(errors) == 1 and "holds no aggregator state" in errors[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert (run.out / "metrics.jsonl").read_bytes() == metrics and db.read_bytes() == b""

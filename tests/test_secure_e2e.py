@@ -82,6 +82,26 @@ def test_sim_over_mosquitto_tls_acl_and_captured_update_tamper(tmp_path: Path, t
     assert all(r["secagg"] and r["sparse"]["k"] < r["sparse"]["dim"] for r in rows[1:])
     assert all(r["bytes_by_kind"][d]["up_secagg"] > 0 for r in rows[1:] for d in run.device_ids)
 
+    # What left each device is in its ledger (issue 24): every device's ledger verifies under its
+    # key, and every whole message the auditor's account saw on the broker (statuses, secure
+    # aggregation stages, updates; chunk frames are parts of one) is an entry, by its SHA-256.
+    import hashlib
+
+    from shared import ledger
+
+    for dev in run.device_ids:
+        path = out / "edge" / dev / "ledger.jsonl"
+        head = ledger.verify(path, load_public_keys(out / "keys" / f"{dev}.pub.json"))
+        recorded = {obj["entry"]["sha256"] for _, _, obj in ledger.entries(path)}
+        seen = [p for t, p in cap.got if f"/{dev}/" in t and not t.endswith("/chunk") and p]
+        assert seen and all(hashlib.sha256(p).hexdigest() in recorded for p in seen), dev
+        assert head.kinds.get("masked_update") == 2 and head.kinds.get("secagg", 0) > 0
+    # The aggregator's audit log agrees with the ledgers (fl-sim ran `fl-audit check` at the end).
+    check = json.loads((out / "audit_check.json").read_text())
+    assert check["ok"] and check["problems"] == [] and check["not_checked"] == []
+    assert all(check["devices"][d]["counted"] == 2 for d in run.device_ids)
+    assert {r["decrypted"] for r in check["rounds"].values()} == {"aggregate only"}
+
     agg = load_private_keys(out / "keys" / "aggregator.key")
     wrong = load_private_keys(out / "keys" / "device-1.key")
     topic, data = next((t, p) for t, p in captured if "/device-0/" in t)

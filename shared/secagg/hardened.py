@@ -339,10 +339,27 @@ def client_unmask(state: HardenedClient, req: SignedUnmaskRequest, ident: Identi
 
 
 @dataclass(frozen=True)
+class EnrolledCert:
+    """An enrolled device's certificate, parsed once when the registry is loaded: an advert whose
+    certificate is byte-equal to it needs only its own signature checked, not a parse and the
+    authority's signature again in every round."""
+
+    blob: bytes
+    keys: crypto.PublicKeys
+
+
+def enrolled_certs(certs: Mapping[str, bytes]) -> dict[str, EnrolledCert]:
+    """Device id -> its parsed certificate (``authority.Certificate.from_blob``; the authority's
+    signature on each was checked when it was enrolled)."""
+    return {d: EnrolledCert(bytes(b), authority.Certificate.from_blob(d, b).keys) for d, b in certs.items()}
+
+
+@dataclass(frozen=True)
 class HardenedServer:
     inner: protocol.ServerState
     entries: tuple[ListEntry, ...] = ()
     adverts: Mapping[int, SignedAdvertise] = field(default_factory=dict)
+    signed_entries: Mapping[int, SignedEntry] = field(default_factory=dict)  # the adverts as relayed, built once
     seed: bytes = b""
     graph: Mapping[int, frozenset[int]] = field(default_factory=dict)  # derived, before any cut
     sigs: Mapping[int, bytes] = field(default_factory=dict)
@@ -353,9 +370,11 @@ def server_init(params: protocol.SecAggParams) -> HardenedServer:
 
 
 def server_collect_adverts(state: HardenedServer, msgs: Iterable[SignedAdvertise], ident: Identity,
-                           enrolled: Mapping[str, bytes] | None = None) -> tuple[HardenedServer, dict[int, AdvertList]]:
+                           enrolled: Mapping[str, EnrolledCert] | Mapping[str, bytes] | None = None
+                           ) -> tuple[HardenedServer, dict[int, AdvertList]]:
     """Keep adverts that verify (a certificate byte-equal to the enrolled one, when given, skips
-    re-verifying it) and fix the round's advert list: every counted node gets the same one."""
+    re-verifying it; pass ``enrolled_certs(...)`` to skip parsing it too) and fix the round's
+    advert list: every counted node gets the same one."""
     p = state.inner.params
     good: dict[int, SignedAdvertise] = {}
     for m in msgs:
@@ -364,9 +383,11 @@ def server_collect_adverts(state: HardenedServer, msgs: Iterable[SignedAdvertise
             continue
         try:
             device = ident.device_of[m.sender]
-            if enrolled is not None and enrolled.get(device) == m.cert:
-                keys = authority.Certificate.from_blob(device, m.cert).keys
-                payload = crypto.verify(m.sig, keys, aad=crypto.AssociatedData(p.round_id, device, ADVERT_KIND))
+            known = enrolled.get(device) if enrolled is not None else None
+            if isinstance(known, bytes):
+                known = EnrolledCert(known, authority.Certificate.from_blob(device, known).keys)
+            if known is not None and known.blob == m.cert:
+                payload = crypto.verify(m.sig, known.keys, aad=crypto.AssociatedData(p.round_id, device, ADVERT_KIND))
                 if payload != _advert_payload(p.round_id, m.sender, m.c_pk, m.s_pk, m.commit):
                     raise PeerVerificationError("signed for other keys")
             else:
@@ -378,7 +399,8 @@ def server_collect_adverts(state: HardenedServer, msgs: Iterable[SignedAdvertise
     if len(good) < p.threshold:
         raise protocol.SecAggAbort(f"{len(good)} verified adverts, threshold {p.threshold}")
     entries = tuple(ListEntry(n, digest(good[n]), good[n].commit) for n in sorted(good))
-    return replace(state, entries=entries, adverts=good), {u: AdvertList(p.round_id, u, entries) for u in good}
+    return (replace(state, entries=entries, adverts=good, signed_entries={n: _entry_of(a) for n, a in good.items()}),
+            {u: AdvertList(p.round_id, u, entries) for u in good})
 
 
 def server_collect_reveals(state: HardenedServer, msgs: Iterable[SeedReveal]) -> tuple[HardenedServer, dict[int, SignedKeys]]:
@@ -405,8 +427,15 @@ def server_collect_reveals(state: HardenedServer, msgs: Iterable[SeedReveal]) ->
     good = state.adverts
     plain = [protocol.AdvertiseKeys(p.round_id, n, a.c_pk, a.s_pk) for n, a in good.items()]  # type: ignore[attr-defined]
     inner, out = protocol.server_collect_keys(inner, plain)
-    signed = {u: SignedKeys(p.round_id, u, rhos, tuple(_entry_of(good[e.node]) for e in nk.keys)) for u, nk in out.items()}
+    rel = _relayed(state)
+    signed = {u: SignedKeys(p.round_id, u, rhos, tuple(rel[e.node] for e in nk.keys)) for u, nk in out.items()}
     return replace(state, inner=inner, seed=seed, graph=neighbours), signed
+
+
+def _relayed(state: HardenedServer) -> Mapping[int, SignedEntry]:
+    # Each advert is relayed to tens of devices: build its entry once (a state made by hand in a
+    # test may lack them).
+    return state.signed_entries or {n: _entry_of(a) for n, a in state.adverts.items()}
 
 
 def server_collect_shares(state: HardenedServer, msgs):  # type: ignore[no-untyped-def]
@@ -446,12 +475,15 @@ def server_collect_consistency(state: HardenedServer, msgs: Iterable[Consistency
     dropped = tuple(sorted(inner.u2 - inner.u3))
     signed = frozenset(sigs)
     g = state.graph or inner.neighbours
+    rel = _relayed(state)
+    pairs = {v: (v, sigs[v]) for v in sorted(sigs)}  # one tuple per signer, shared by every relay
     out = {}
     for u in sigs:
         mine = g[u]
         reach = signed if len(mine) == len(inner.params.node_ids) else frozenset().union(*(g[o] for o in mine)) & signed
-        out[u] = SignedUnmaskRequest(inner.params.round_id, u, surv, dropped, tuple((v, sigs[v]) for v in sorted(reach)),
-                                     tuple(_entry_of(state.adverts[v]) for v in sorted(reach - mine)))
+        order = sorted(reach)
+        out[u] = SignedUnmaskRequest(inner.params.round_id, u, surv, dropped, tuple(pairs[v] for v in order),
+                                     tuple(rel[v] for v in order if v not in mine))
     # Who did not sign gets no unmask request: only signers are asked for shares.
     return replace(state, sigs=sigs), out
 

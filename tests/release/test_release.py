@@ -293,10 +293,20 @@ def test_a_signed_rollback_reinstates_a_kept_release_and_revokes_the_bad_one(bui
         m = device.install(staged, msg.manifest)
         return {"down_bytes": {}, "installed": [devices[0]] if m.release_id == rid else [], "refused": {}, "no_answer": []}
 
+    from aggregator.store import Store
+
     svc = SimpleNamespace(out=root.parent, release_key=key, cfg=SimpleNamespace(release=SimpleNamespace(fleet=FLEET), round_timeout_s=5),
-                          col=SimpleNamespace(send_release=send_release), online={"device-0": 1}, round=6, _released_loss=1.0)
+                          col=SimpleNamespace(send_release=send_release), online={"device-0": 1}, round=6, shutdown_round=6,
+                          _released_loss=1.0, store=Store(tmp_path / "aggregator.db"), audit=None)
+    svc._audit_release = lambda *a: Aggregator._audit_release(svc, *a)  # type: ignore[arg-type]
+    svc.deliver = lambda b, devices, rnd: Aggregator.deliver(svc, b, devices, rnd)  # type: ignore[arg-type]
     entry = Aggregator.rollback_if_requested(svc)  # type: ignore[arg-type]
     assert entry is not None and entry["installed"] == ["device-0"] and entry["reason"] == "wrong answers"
+    # The store keeps the rollback as the latest release (what a device that lacks it is sent) and who installed it.
+    latest = svc.store.latest_release()
+    assert latest.release_id == good.manifest.release_id and latest.detail == f"rollback of {bad.manifest.release_id}"
+    assert release.verify(latest.manifest, key.public, FLEET).rollback_of == bad.manifest.release_id
+    assert svc.store.deliveries(good.manifest.release_id) == {"device-0": "installed"}
     assert Aggregator.rollback_if_requested(svc) is None  # a request is announced once  # type: ignore[arg-type]
     assert device.current()[0].release_id == good.manifest.release_id
     assert json.loads((root / "latest.json").read_text())["release_id"] == good.manifest.release_id
@@ -339,3 +349,146 @@ def test_fl_agg_rollback_checks_the_target_and_leaves_a_request(built, tmp_path:
     assert cli.main(["rollback", "--config", str(cfg), "--to", to, "--reason", "regressed"]) == 0
     req = json.loads((out / "releases" / ROLLBACK_REQUEST).read_text())
     assert req == {"to": to, "replaces": built["int8"].manifest.release_id, "reason": "regressed"}
+
+
+def _service(built, tmp_path: Path, *, rnd: int, sent: list, online: dict[str, str], installs: bool = True):  # type: ignore[no-untyped-def]
+    """The aggregator's release methods on a fake service: real store, real releases on disk, a
+    collector that installs what it is sent into per-device ReleaseStores."""
+    import shutil
+    from types import SimpleNamespace
+
+    from aggregator.server import Aggregator
+    from aggregator.store import Store
+    from edge_client.releases import ReleaseStore
+
+    root = tmp_path / "out" / "releases"
+    shutil.copytree(built["root"], root)
+    key = built["key"]
+    devices = {d: ReleaseStore(tmp_path / "dev" / d, key.public, FLEET) for d in online}
+
+    def send_release(devs, msg, r, rid, timeout):  # type: ignore[no-untyped-def]
+        sent.append((tuple(devs), rid, r))
+        ok = []
+        for d in devs:
+            if installs:
+                staged = tmp_path / "staged" / d
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+                for f in msg.files:
+                    (staged / f.name).write_bytes(f.data)
+                devices[d].install(staged, msg.manifest)
+                ok.append(d)
+        return {"down_bytes": {}, "installed": ok, "refused": {}, "no_answer": [d for d in devs if d not in ok]}
+
+    col = SimpleNamespace(send_release=send_release, device_release=dict(online), release_acks={})
+    cfg = SimpleNamespace(release=SimpleNamespace(fleet=FLEET, enabled=True, every=0, int8=False, keep=3), rounds=rnd,
+                          round_timeout_s=5, student=built["base"])
+    svc = SimpleNamespace(out=root.parent, release_key=key, cfg=cfg, col=col, online={d: 1 for d in online}, round=rnd,
+                          shutdown_round=rnd, store=Store(tmp_path / "aggregator.db"), _resends={},
+                          MAX_RESENDS=Aggregator.MAX_RESENDS, student=SimpleNamespace(peft=built["peft"], tok=built["tok"]),
+                          mode=SimpleNamespace(name="fedkd"), eval_examples=HELD, audit=None)
+    for name in ("deliver", "build_release", "_audit_release"):
+        setattr(svc, name, lambda *a, _n=name: getattr(Aggregator, _n)(svc, *a))
+    return svc, devices, Aggregator
+
+
+def test_a_release_signed_before_a_stop_is_recorded_and_sent_to_every_device_that_lacks_it(built, tmp_path: Path) -> None:
+    """Issue 23: the aggregator killed right after signing round 3's release (due in the store, the
+    release in place, a stale .build-* beside it). The restart records that release without
+    building it again, removes the stale build, and sends it to each device that says it lacks it,
+    and only to those; a device that has it is not sent it again."""
+    rid = built["fp32"].manifest.release_id
+    sent: list = []
+    svc, devices, Agg = _service(built, tmp_path, rnd=3, sent=sent, online={"device-0": "", "device-1": "r0001-fedkd"})
+    from shared import ledger
+
+    svc.audit = ledger.Ledger(tmp_path / "audit.jsonl", "aggregator", built["key"])
+    svc.store.release_due(3)
+    (svc.out / "releases" / ".build-r0003-fedkd").mkdir()
+    Agg.resume_releases(svc)
+    assert not (svc.out / "releases" / ".build-r0003-fedkd").exists()
+    latest = svc.store.latest_release()
+    assert latest.release_id == rid and latest.round == 3 and latest.detail == "recorded after a restart"
+    assert svc.store.due_release() is None
+    Agg.deliver_latest(svc)
+    assert sent == [(("device-0", "device-1"), rid, 3)]
+    assert all(devices[d].current()[0].release_id == rid for d in devices)
+    assert svc.store.deliveries(rid) == {"device-0": "installed", "device-1": "installed"}
+    # The audit log has the release (its digests) and the delivery, signed and chained.
+    ledger.verify(svc.audit.path, built["key"].public)
+    logged = [obj["entry"] for _, _, obj in ledger.entries(svc.audit.path)][1:]
+    assert [e["kind"] for e in logged] == ["release", "delivery"]
+    assert logged[0]["detail"]["release_id"] == rid and logged[0]["detail"]["note"] == "recorded after a restart"
+    assert logged[0]["detail"]["files"] == {f.name: f.sha256 for f in built["fp32"].manifest.files}
+    assert logged[1]["detail"]["outcome"] == {"device-0": "installed", "device-1": "installed"}
+    svc.col.device_release = {"device-0": rid, "device-1": rid}
+    assert Agg.deliver_latest(svc) is None and len(sent) == 1  # everyone has it: nothing sent, no wait
+
+
+def test_a_release_owed_when_the_aggregator_stopped_is_built_at_start(built, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Killed during the export (due, nothing signed on disk for the round) or after the commit and
+    before the release was marked due (no row for a scheduled round): built at start, once. A due
+    release of an older round (a later round committed since) is closed, not built."""
+    import aggregator.release as rel
+
+    calls: list[int] = []
+    real = rel.make_release
+    monkeypatch.setattr(rel, "make_release", lambda *a, **k: calls.append(k["rnd"]) or real(*a, **k))
+    for case in ("due", "no-row"):
+        sent: list = []
+        svc, devices, Agg = _service(built, tmp_path / case, rnd=5, sent=sent, online={"device-0": ""})
+        if case == "due":
+            svc.store.release_due(2)  # an older one, superseded
+            svc.store.release_due(5)
+        Agg.resume_releases(svc)
+        latest = svc.store.latest_release()
+        assert latest is not None and latest.release_id == "r0005-fedkd" and latest.round == 5
+        Agg.resume_releases(svc)  # a second start builds nothing more
+        Agg.deliver_latest(svc)
+        assert devices["device-0"].current()[0].release_id == "r0005-fedkd"
+        if case == "due":
+            assert [r.state for r in svc.store.releases() if r.round == 2] == ["closed"]  # never left due
+    assert calls == [5, 5]
+
+
+def test_a_device_that_never_answers_is_resent_a_bounded_number_of_times(built, tmp_path: Path) -> None:
+    """A device online that keeps not installing is sent the latest release MAX_RESENDS times per
+    aggregator process, not before every round for ever; one that refused it is not sent it again."""
+    sent: list = []
+    svc, _, Agg = _service(built, tmp_path, rnd=3, sent=sent, online={"device-0": "", "device-1": ""}, installs=False)
+    svc.store.release_built(3, built["fp32"].manifest.release_id, built["fp32"].signed)
+    svc.store.delivered(built["fp32"].manifest.release_id, {"device-1": "refused: disk full"})
+    for _ in range(Agg.MAX_RESENDS + 2):
+        Agg.deliver_latest(svc)
+    assert [s[0] for s in sent] == [("device-0",)] * Agg.MAX_RESENDS
+    assert svc.store.deliveries(built["fp32"].manifest.release_id) == {"device-0": "no answer", "device-1": "refused: disk full"}
+
+
+def test_what_a_killed_install_left_is_removed_and_the_release_installs_whole(built, tmp_path: Path) -> None:
+    """A device killed with 1 file copied leaves ``.incoming-ID`` (and maybe a link's ``.tmp``): the
+    next start removes them, nothing half-copied is ever current, and the resent release installs."""
+    import shutil
+
+    from edge_client.releases import ReleaseStore
+
+    b, key = built["fp32"], built["key"]
+    root = tmp_path / "device"
+    root.mkdir()
+    half = root / f".incoming-{b.manifest.release_id}"
+    half.mkdir()
+    first = b.manifest.files[0].name
+    shutil.copyfile(b.directory / first, half / first)
+    (root / ".current.tmp").symlink_to(half.name)
+    store = ReleaseStore(root, key.public, FLEET)
+    assert not half.exists() and not (root / ".current.tmp").is_symlink() and store.current() is None
+    assert store.install(b.directory, b.signed).release_id == b.manifest.release_id
+    assert store.current()[0].release_id == b.manifest.release_id
+
+
+def test_a_device_status_says_its_current_release_and_old_statuses_keep_their_bytes() -> None:
+    from shared import messages as M
+
+    plain = M.DeviceStatus(device_id="d", state="online", profile="p", num_examples=0, detail="started")
+    assert b"release" not in M.encode(plain)  # a status that does not say keeps its v1 bytes
+    said = M.DeviceStatus(device_id="d", state="online", profile="p", num_examples=0, detail="started", release="")
+    assert M.decode(M.encode(said)) == said and M.decode(M.encode(plain)).release is None

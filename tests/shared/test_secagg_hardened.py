@@ -183,6 +183,16 @@ def test_a_forged_participant_is_rejected() -> None:
             honest.append(hardened.client_advertise(p, u, idents[u])[1])
     srv, lists = hardened.server_collect_adverts(hardened.server_init(p), honest + [forged], si)
     assert node not in {e.node for e in srv.entries} and node not in lists
+    # With the enrolled certificates parsed once (the aggregator's fast path), the same holds: a
+    # certificate that is not the enrolled one, or a signature by another key, is dropped.
+    certs = {si.device_of[u]: idents[u].cert for u in p.node_ids}
+    for enrolled in (hardened.enrolled_certs(certs), certs):
+        for bad in (forged, replace(forged, cert=certs[si.device_of[node]])):
+            srv, lists = hardened.server_collect_adverts(hardened.server_init(p), honest + [bad], si, enrolled)
+            assert node not in lists and len(lists) == len(honest)
+    ok = hardened.client_advertise(p, node, idents[node])[1]
+    srv, lists = hardened.server_collect_adverts(hardened.server_init(p), honest + [ok], si, hardened.enrolled_certs(certs))
+    assert node in lists and srv.signed_entries[node] == hardened._entry_of(ok)  # noqa: SLF001
 
 
 def test_the_graph_follows_the_reveals_not_the_aggregator() -> None:
