@@ -210,3 +210,47 @@ def main() -> None:
     from edge_client.cli import main as edge_main
 
     sys.exit(edge_main(argv))
+
+
+def agg_main() -> None:
+    """The aggregator with one fault built in: ``python -c "from tests.fault_inject import agg_main;
+    agg_main()" FAULT run --config FILE``. At round ``FAULT_ROUND`` (default 2):
+
+    - ``disk-full``: writing the round's adapters fails with ENOSPC (what a full disk gives);
+    - ``read-only-store``: the store's connection is reopened read-only just before the round's
+      commit, so SQLite itself refuses the write ("attempt to write a readonly database").
+    """
+    import errno
+    import os
+    import sqlite3
+
+    fault, argv = sys.argv[1], sys.argv[2:]
+    rnd = int(os.environ.get("FAULT_ROUND", "2"))
+    if fault == "disk-full":
+        import aggregator.checkpoint as checkpoint
+
+        real_save = checkpoint.save_adapters
+
+        def save_adapters(out_dir: Path, r: int, *a: Any, **k: Any) -> Any:
+            if r == rnd:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(out_dir) / "checkpoints"))
+            return real_save(out_dir, r, *a, **k)
+
+        checkpoint.save_adapters = save_adapters
+    elif fault == "read-only-store":
+        from aggregator.store import Store
+
+        real_commit = Store.commit_round
+
+        def commit_round(self: Store, st: Any, *a: Any, **k: Any) -> Any:
+            if st.round == rnd:
+                self.db.close()
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            return real_commit(self, st, *a, **k)
+
+        Store.commit_round = commit_round  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"unknown aggregator fault {fault!r}")
+    from aggregator.cli import main as agg
+
+    sys.exit(agg(argv))
