@@ -144,11 +144,18 @@ def parity(model_dir: Path, releases: dict[str, Path], prompts: list[str], refs:
     tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
     out = {}
     for q, d in releases.items():
-        p = onnx_parity.check(model, tok, OnnxLM(d, threads=threads), prompts, refs, quantization="int8" if q == "int8" else "none")
+        p = onnx_parity.check(model, tok, OnnxLM(d, threads=threads), prompts, refs,
+                              quantization="int8" if q.startswith("int8") else "none")
         out[q] = p.to_json()
         log.info("parity %s: max logit diff %.2g, token agreement %.3f, loss torch %.4f onnx %.4f, passed %s (%s)", q,
                  p.max_logit_diff, p.token_agreement, p.loss_torch, p.loss_onnx, p.passed, p.reason)
     return out
+
+
+# Engine -> int8 recipe (None: fp32). On real weights both recipes run: "full" (onnxruntime's
+# default, every MatMul and the embedding) and "outlier-safe", the one the release falls back to
+# when "full" fails the parity gate (fl_lm.onnx_export.INT8_RECIPES).
+RECIPES = {"fp32": None, "int8": "full", "int8-outlier-safe": "outlier-safe"}
 
 
 def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: int, texts: list[str] | None = None,
@@ -156,22 +163,22 @@ def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: in
     from fl_lm.onnx_export import build_release_dir
 
     texts = texts or PROMPTS
-
+    quants = [q for q in RECIPES if refs is not None or q != "int8-outlier-safe"]
     rel = {}
     sizes = {}
-    for q in ("fp32", "int8"):
+    for q in quants:
         t = time.monotonic()
         d = work / f"{name}-{q}"
-        build_release_dir(str(model_dir), d, int8=q == "int8")
+        build_release_dir(str(model_dir), d, int8=RECIPES[q] is not None, recipe=RECIPES[q] or "full")
         rel[q] = d
         sizes[q] = sum(p.stat().st_size for p in d.iterdir() if p.name.startswith("model.onnx"))
         log.info("%s: %s release built in %.0fs (%.1f MB of ONNX)", name, q, time.monotonic() - t, sizes[q] / 1e6)
     res = {}
-    for kind in ("torch", "fp32", "int8"):
+    for kind in ("torch", *quants):
         res[kind] = _spawn(kind, model_dir, rel.get(kind, rel["fp32"]), tokens, threads, texts)
         log.info("%s %s: %.1f tokens/s, peak RSS %.0f MB", name, kind, res[kind]["tokens_per_s"], res[kind]["peak_rss_mb"])
     ref = res["torch"]["outputs"]
-    for kind in ("fp32", "int8"):
+    for kind in quants:
         o = res[kind]["outputs"]
         res[kind]["identical_prompts"] = sum(a == b for a, b in zip(ref, o))
         res[kind]["prefix_agreement"] = sum(_prefix(a, b) for a, b in zip(ref, o)) / max(1, sum(map(len, ref)))
@@ -183,7 +190,8 @@ def bench_model(name: str, model_dir: Path, work: Path, tokens: int, threads: in
 
     params = _j.loads((model_dir / "config.json").read_text())
     out = {"model": name, "config": {k: params.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
-           "prompts": len(texts), "onnx_bytes": sizes, "int8_size_ratio": sizes["fp32"] / sizes["int8"], "engines": res}
+           "prompts": len(texts), "onnx_bytes": sizes, "int8_size_ratio": sizes["fp32"] / sizes["int8"], "engines": res,
+           "int8_recipes": {q: RECIPES[q] for q in quants if RECIPES[q]}}
     if refs is not None:
         out["parity"] = parity(model_dir, rel, texts, refs, threads)
     return out
@@ -213,7 +221,7 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| model | engine | tokens/s | x torch | peak RSS MB | greedy identical | token agreement | ONNX MB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for kind in ("torch", "fp32", "int8"):
+        for kind in r["engines"]:
             e = r["engines"][kind]
             mb = "" if kind == "torch" else f"{r['onnx_bytes'][kind] / 1e6:.1f}"
             ident = "" if kind == "torch" else f"{e['identical_prompts']}/{r.get('prompts', len(PROMPTS))}"
