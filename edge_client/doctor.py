@@ -149,14 +149,14 @@ def _own_public(cfg: EdgeConfig) -> Any:
 
 def _ca_window(ca_file: str) -> str | None:
     """Why the broker's CA certificate is not valid on this clock, or None."""
-    from cryptography import x509
+    from shared.crypto import certificate_windows
 
     now = time.time()
-    for c in x509.load_pem_x509_certificates(Path(ca_file).read_bytes()):
-        if now < c.not_valid_before_utc.timestamp():
-            return f"its CA certificate is not valid until {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: this clock is behind"
-        if now > c.not_valid_after_utc.timestamp():
-            return f"its CA certificate expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (or this clock is ahead)"
+    for start, end in certificate_windows(Path(ca_file).read_bytes()):
+        if now < start:
+            return f"its CA certificate is not valid until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} UTC: this clock is behind"
+        if now > end:
+            return f"its CA certificate expired on {time.strftime('%Y-%m-%d %H:%M', time.gmtime(end))} UTC (or this clock is ahead)"
     return None
 
 

@@ -276,7 +276,9 @@ def forget_old_fleet(out: Path) -> None:
     devices' durable state (sequence numbers, rounds seen, outboxes) belong to the old fleet. Left
     in place, the aggregator would carry on numbering after the old announcements and stop at once
     (a second `make demo` into the same directory ran no rounds)."""
-    for stale in ("metrics.jsonl", *checkpoint.RUN_STATE):
+    # The audit log too: it is signed with the old fleet's aggregator key, and a new aggregator
+    # would take it for a damaged one (it is kept aside then, never extended).
+    for stale in ("metrics.jsonl", "audit.jsonl", "audit_check.json", *checkpoint.RUN_STATE):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "edge", ignore_errors=True)
 

@@ -358,3 +358,8 @@ def make_tls_certificates(host: str, days: int) -> tuple[bytes, bytes, bytes, by
     )
     pem = serialization.Encoding.PEM
     return ca_cert.public_bytes(pem), _pem_key(ca_key), srv_cert.public_bytes(pem), _pem_key(srv_key)
+
+
+def certificate_windows(pem: bytes) -> list[tuple[float, float]]:
+    """(not valid before, not valid after) as POSIX times, of each certificate in a PEM bundle."""
+    return [(c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp()) for c in x509.load_pem_x509_certificates(pem)]

@@ -409,6 +409,12 @@ def make_server_tls(host: str, *, days: int = 825) -> TlsMaterial:
     return TlsMaterial(ca_cert_pem=ca, ca_key_pem=ca_key, server_cert_pem=srv, server_key_pem=srv_key)
 
 
+def certificate_windows(pem: bytes) -> list[tuple[float, float]]:
+    """The validity window (not before, not after; POSIX seconds) of each certificate in a PEM
+    file's bytes: what a device's clock must fall within for TLS to accept it."""
+    return _hazmat.certificate_windows(pem)
+
+
 def write_keypair(out_dir: str | Path, stem: str, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Fresh keys as ``STEM.key`` (private, 0600) and ``STEM.pub.json`` in ``out_dir``."""
     out = Path(out_dir)

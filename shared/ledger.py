@@ -89,7 +89,9 @@ class Ledger:
 
     Each append is written and fsync'ed before the message it records is handed to the broker,
     so a message that left is never missing from the ledger (a crash can leave an entry for a
-    message that did not leave, never the reverse).
+    message that did not leave, never the reverse). The same holds for the messages the broker
+    sends for the device: its last will and its reconnect status are recorded when they are
+    prepared, whether or not the broker ever sends them.
     """
 
     def __init__(self, path: str | Path, device: str, key: crypto.DeviceKeys) -> None:

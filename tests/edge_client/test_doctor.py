@@ -134,3 +134,12 @@ def test_a_tampered_release_and_a_tampered_ledger(device, tmp_path: Path) -> Non
     lg.path.write_bytes(lines[1] + b"\n")
     got = _verdicts(dataclasses.replace(c2, releases_dir=None))
     assert got["ledger"].verdict == doctor.FAIL and "does not verify" in got["ledger"].detail
+
+
+def test_a_clock_behind_the_brokers_ca_is_named(device, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    cfg, _, _ = device
+    now = time.time()
+    monkeypatch.setattr(doctor.time, "time", lambda: now - 3 * 86400)  # three days behind: before the CA's window
+    _fails(cfg, "broker", "this clock is behind")
