@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--fresh", action="store_true",
                      help="start a NEW store (the old one is moved aside, never deleted): for a store that is damaged "
                           "and has no backup; the trained model is not resumed")
+    dr = sub.add_parser("doctor", help="a checklist of the aggregator's store, keys, registry, authority, broker, disk, "
+                                       "release and audit log (exit 1 on any failure)")
+    dr.add_argument("--config", required=True, help="the aggregator's config")
+    dr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     bk = sub.add_parser("backup", help="a consistent copy of the aggregator's store and current checkpoints (safe while it runs)")
     bk.add_argument("--config", required=True, help="the aggregator's config")
     bk.add_argument("--out", required=True, type=Path, help="a new directory for the backup")
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from fl_mqtt.link import LinkError
 
-    def body() -> None:
+    def body() -> int | None:
         if args.cmd == "keygen":
             keygen(args.out, args.force)
         elif args.cmd == "enroll":
@@ -106,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             replaces = request_rollback(Path(cfg.out_dir) / "releases", args.to, args.reason, key.public, cfg.release.fleet)
             log.info("rollback from %s to %s requested: the running aggregator announces it at the next round boundary "
                      "(or when it next starts)", replaces, args.to)
+        elif args.cmd == "doctor":
+            from aggregator import doctor
+            from aggregator.config import load
+
+            checks = doctor.run(load(args.config), broker_timeout=args.timeout)
+            for c in checks:
+                sys.stdout.write(c.line() + "\n")
+            failed = [c.name for c in checks if c.verdict == doctor.FAIL]
+            sys.stdout.write(f"{len(checks)} checks, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "") + "\n")
+            return 1 if failed else 0
         elif args.cmd in ("backup", "restore"):
             from aggregator import backup
             from aggregator.config import load

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import shutil
-import socket
-import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -147,46 +145,16 @@ def _own_public(cfg: EdgeConfig) -> Any:
         return None
 
 
-def _ca_window(ca_file: str) -> str | None:
-    """Why the broker's CA certificate is not valid on this clock, or None."""
-    from shared.crypto import certificate_windows
-
-    now = time.time()
-    for start, end in certificate_windows(Path(ca_file).read_bytes()):
-        if now < start:
-            return f"its CA certificate is not valid until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} UTC: this clock is behind"
-        if now > end:
-            return f"its CA certificate expired on {time.strftime('%Y-%m-%d %H:%M', time.gmtime(end))} UTC (or this clock is ahead)"
-    return None
-
-
 def _broker(cfg: EdgeConfig, timeout: float, login: bool) -> Check:
-    from urllib.parse import urlparse
+    from fl_mqtt.probe import broker_problem
 
-    u = urlparse(cfg.broker)
-    host, port = u.hostname or "", u.port or (8883 if u.scheme == "mqtts" else 1883)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return Check("broker", FAIL, f"{host}:{port} unreachable: {e}")
-    if u.scheme == "mqtts":
-        if cfg.ca_file:
-            why = _ca_window(cfg.ca_file)
-            if why:
-                return Check("broker", FAIL, f"{cfg.ca_file}: {why}")
-        ctx = ssl.create_default_context(cafile=cfg.ca_file) if cfg.ca_file else ssl.create_default_context()
-        try:
-            with socket.create_connection((host, port), timeout=timeout) as raw, ctx.wrap_socket(raw, server_hostname=host):
-                pass
-        except (ssl.SSLError, OSError) as e:
-            return Check("broker", FAIL, f"TLS to {host}:{port} fails: {e}" +
-                         (" (the broker's certificate is not from this CA)" if "verify failed" in str(e) else ""))
-    tls = "TLS verified against " + (cfg.ca_file or "the system CAs") if u.scheme == "mqtts" else "NO TLS"
+    why, tls = broker_problem(cfg.broker, cfg.ca_file, timeout, now=time.time())
+    if why:
+        return Check("broker", FAIL, why)
     if not login:
         # The broker gives each account one session (use_username_as_clientid): logging in as the
         # device would take over a running client's session and its queued messages.
-        return Check("broker", OK, f"{host}:{port} reachable, {tls}; MQTT login not tried (fl-edge doctor --login, "
-                     "with the device's client stopped)")
+        return Check("broker", OK, f"{tls}; MQTT login not tried (fl-edge doctor --login, with the device's client stopped)")
     from fl_mqtt.link import LinkError, MqttLink
 
     link = MqttLink(f"{cfg.device_id}-doctor", cfg.broker, username=cfg.username, password=cfg.password, ca_file=cfg.ca_file,
