@@ -114,12 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             from aggregator import doctor
             from aggregator.config import load
 
-            checks = doctor.run(load(args.config), broker_timeout=args.timeout)
-            for c in checks:
-                sys.stdout.write(c.line() + "\n")
-            failed = [c.name for c in checks if c.verdict == doctor.FAIL]
-            sys.stdout.write(f"{len(checks)} checks, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "") + "\n")
-            return 1 if failed else 0
+            from shared.checklist import report
+
+            return report(doctor.run(load(args.config), broker_timeout=args.timeout))
         elif args.cmd in ("backup", "restore"):
             from aggregator import backup
             from aggregator.config import load

@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
 
-OK, WARN, FAIL = "ok", "WARN", "FAIL"
+from shared.checklist import FAIL, OK, WARN, Check, guarded
 MIN_FREE_BYTES = 4 << 30  # checkpoints, a few kept releases (~250 MB each for the real student), the store
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    verdict: str
-    detail: str
-
-    def line(self) -> str:
-        return f"[{self.verdict:>4}] {self.name}: {self.detail}"
 
 
 def _store(cfg: AggregatorConfig) -> Check:
@@ -155,10 +144,7 @@ def run(cfg: AggregatorConfig, broker_timeout: float = 5.0) -> list[Check]:
     out: list[Check] = []
 
     def add(name: str, fn: Callable[[], Check]) -> None:
-        try:
-            out.append(fn())
-        except Exception as e:  # noqa: BLE001 - one line per check, never a traceback
-            out.append(Check(name, FAIL, f"{type(e).__name__}: {e}"))
+        guarded(out, name, fn)
 
     add("store", lambda: _store(cfg))
     add("keys", lambda: _keys(cfg))

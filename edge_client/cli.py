@@ -77,12 +77,9 @@ def doctor(args: argparse.Namespace) -> int:
     from edge_client import doctor as dr
     from edge_client.config import load
 
-    checks = dr.run(load(args.config), broker_timeout=args.timeout, login=args.login)
-    for c in checks:
-        sys.stdout.write(c.line() + "\n")
-    failed = [c.name for c in checks if c.verdict == dr.FAIL]
-    sys.stdout.write(f"{len(checks)} checks, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "") + "\n")
-    return 1 if failed else 0
+    from shared.checklist import report
+
+    return report(dr.run(load(args.config), broker_timeout=args.timeout, login=args.login))
 
 
 def main(argv: list[str] | None = None) -> int:

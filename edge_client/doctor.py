@@ -13,25 +13,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_client.config import EdgeConfig
 
-OK, WARN, FAIL = "ok", "WARN", "FAIL"
+from shared.checklist import FAIL, OK, WARN, Check, guarded
 MIN_FREE_BYTES = 2 << 30  # a real release is ~180-260 MB, state and checkpoints a few more: 2 GB is a floor
 REQUIRED = ("torch", "transformers", "peft", "onnxruntime", "paho-mqtt", "cryptography", "numpy", "safetensors")
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    verdict: str
-    detail: str
-
-    def line(self) -> str:
-        return f"[{self.verdict:>4}] {self.name}: {self.detail}"
 
 
 def _python(cfg: EdgeConfig) -> Check:
@@ -224,10 +213,7 @@ def run(cfg: EdgeConfig, broker_timeout: float = 5.0, login: bool = False) -> li
     out: list[Check] = []
 
     def add(name: str, fn: Callable[[], Check]) -> None:
-        try:
-            out.append(fn())
-        except Exception as e:  # noqa: BLE001 - one line per check, never a traceback
-            out.append(Check(name, FAIL, f"{type(e).__name__}: {e}"))
+        guarded(out, name, fn)
 
     add("python", lambda: _python(cfg))
     add("packages", lambda: _packages(cfg))
