@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ce.add_argument("pubkey_file", type=Path)
     ce.add_argument("--key", required=True, type=Path, help="authority.key")
     ce.add_argument("--out", required=True, type=Path, help="where the certificate goes (give it to the device)")
+    ce.add_argument("--days", type=float, default=None,
+                    help="validity in days from now (default 730); peers refuse the device's adverts outside it")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from shared import authority, crypto
@@ -43,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             keys = crypto.load_private_keys(a.key)
             dev = crypto.load_public_keys(a.pubkey_file)
-            cert = authority.certify(a.device_id, dev, keys)
+            cert = authority.certify(a.device_id, dev, keys, days=a.days if a.days is not None else authority.DEFAULT_DAYS)
             if a.out.exists():
                 raise FileExistsError(f"{a.out} exists; remove it first")
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(cert.to_json())
-            log.info("certified %s (key fingerprint %s) in %s", a.device_id, dev.fingerprint(), a.out)
+            log.info("certified %s (key fingerprint %s) until %s in %s", a.device_id, dev.fingerprint(),
+                     authority.iso_time(cert.not_after or 0), a.out)
     except (ConfigError, ProtocolError, FileExistsError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2

@@ -48,22 +48,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from fl_mqtt.credentials import MqttCredentials  # noqa: F401  (written here, read by both sides)
 from shared import topics
 from shared.crypto import make_server_tls
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS_FORMAT = "flm-mqtt-credentials"
-CREDENTIALS_VERSION = 1
 # Mosquitto 2.0's mosquitto_passwd: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte hash.
 PASSWD_ITERATIONS = 101
 PASSWD_SALT_LEN = 12
@@ -107,53 +105,6 @@ def verify_mosquitto_password(password: str, encoded: str) -> bool:
 
 
 # --- results ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MqttCredentials:
-    """One client's connection settings, as written to ``credentials/<user>.json``."""
-
-    username: str
-    password: str = field(repr=False)
-    host: str
-    port: int
-    tls: bool
-    ca_file: str | None
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": CREDENTIALS_FORMAT,
-                "version": CREDENTIALS_VERSION,
-                "username": self.username,
-                "password": self.password,
-                "host": self.host,
-                "port": self.port,
-                "tls": self.tls,
-                "ca_file": self.ca_file,
-            },
-            indent=2,
-        ) + "\n"
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> MqttCredentials:
-        try:
-            obj = json.loads(Path(path).read_text())
-        except ValueError as exc:
-            raise ConfigError(f"{path}: not JSON: {exc}") from None
-        keys = {"format", "version", "username", "password", "host", "port", "tls", "ca_file"}
-        if not isinstance(obj, dict) or obj.get("format") != CREDENTIALS_FORMAT or set(obj) != keys:
-            raise ConfigError(f"{path}: not a {CREDENTIALS_FORMAT} file with fields {sorted(keys)}")
-        if obj["version"] != CREDENTIALS_VERSION:
-            raise ConfigError(f"{path}: version {obj['version']!r} is not {CREDENTIALS_VERSION}")
-        return cls(
-            username=str(obj["username"]),
-            password=str(obj["password"]),
-            host=str(obj["host"]),
-            port=int(obj["port"]),
-            tls=bool(obj["tls"]),
-            ca_file=obj["ca_file"],
-        )
 
 
 @dataclass(frozen=True)

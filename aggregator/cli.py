@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from shared import cli
+from shared import cli, log_format
 from shared.cli import add_debug
 
 log = logging.getLogger("fl-agg")
@@ -41,6 +41,8 @@ def enroll(device_id: str, pubkey_file: Path, registry_path: Path, replace: bool
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fl-agg", description="FL-MiniLLM aggregator")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-format", choices=log_format.FORMATS, default="text",
+                    help="text (one line a record) or json (one JSON object a line: time, level, logger, message)")
     add_debug(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run federated rounds")
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--replace", action="store_true", help="replace the key of a device that is already enrolled")
     en.add_argument("--cert", type=Path, default=None, help="the device's certificate from fl-authority certify")
     en.add_argument("--authority", type=Path, default=None, help="authority.pub.json, to check the certificate")
+    un = sub.add_parser("unenroll", help="remove a device from the registry (takes effect when the aggregator next starts)")
+    un.add_argument("device_id")
+    un.add_argument("--registry", type=Path, default=Path("registry.json"))
     rb = sub.add_parser("rollback", help="ask the aggregator to announce a signed rollback to a kept release")
     rb.add_argument("--config", required=True, help="the aggregator's config")
     rb.add_argument("--to", required=True, help="the kept release id to go back to (see OUT/releases)")
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     bc.add_argument("--observers", default="", help="comma-separated read-only accounts (auditors)")
     bc.add_argument("--force", action="store_true", help="replace an existing config: new CA key and new passwords for everyone")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_format.configure(args.log_level, args.log_format)
     from fl_mqtt.link import LinkError
 
     def body() -> int | None:
@@ -89,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             keygen(args.out, args.force)
         elif args.cmd == "enroll":
             enroll(args.device_id, args.pubkey_file, args.registry, args.replace, args.cert, args.authority)
+        elif args.cmd == "unenroll":
+            from aggregator import registry
+
+            gone = registry.unenroll(args.registry, args.device_id)
+            log.info("removed %s (key fingerprint %s) from %s; restart the aggregator, and remove its broker account",
+                     args.device_id, gone.keys.fingerprint(), args.registry)
         elif args.cmd == "broker-config":
             from aggregator.broker_config import write_broker_config
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.metrics import Metrics
 from aggregator.strategy import Reply
 from shared import messages as M
 from shared import secagg, secure, topics
@@ -89,7 +90,7 @@ class Collector:
 
     def __init__(self, *, enrolled: set[str], keys: DeviceKeys | None, pubkeys: dict[str, PublicKeys], chunk_bytes: int,
                  out_dir: Path, keep_received: bool = False,
-                 accept_plain: Callable[[RoundBook, str, Any], Reply] | None = None) -> None:
+                 accept_plain: Callable[[RoundBook, str, Any], Reply] | None = None, metrics: Metrics | None = None) -> None:
         self.enrolled = enrolled
         self.keys = keys  # None: insecure
         self.pubkeys = pubkeys
@@ -112,6 +113,7 @@ class Collector:
         self.out = out_dir
         self.keep_received = keep_received
         self.accept_plain = accept_plain  # how a plain round's update becomes a Reply
+        self.metrics = metrics or Metrics()  # aggregator.metrics: the /metrics series and /healthz
         self._ignored: set[str] = set()
         self.cleared_retained = 0  # retained messages we cleared off upload topics (see _clear_retained)
         self._cleared_topics: set[str] = set()
@@ -126,6 +128,7 @@ class Collector:
     def dispatch(self, topic: str, payload: bytes, wire_bytes: int, retain: bool = False) -> None:
         if not payload:
             return  # clears a retained message (a device's own, or ours echoed back): carries nothing
+        self.metrics.wire("in", topic, wire_bytes)
         if retain and self._clear_retained(topic, len(payload)):
             return
         try:
@@ -168,6 +171,7 @@ class Collector:
         except ProtocolError as e:
             if self.book is not None:
                 self.book.rejected += 1
+            self.metrics.reject(e)
             log.warning("rejected message on %s: %s: %s", topic, type(e).__name__, e)
 
     # Topics remembered for "log once per topic"; past this many, clearing goes on unlogged.
@@ -281,6 +285,7 @@ class Collector:
                 # then the "offline" says the broker left, not the device.
                 self._suspects[device] = (time.monotonic(), st.detail, self.book.rnd)
         elif st.state == "declined":
+            self.metrics.decline(st.detail)
             # Whatever stage is being collected: a device declines while training, after it has
             # answered the key stages, and the update stage must not wait for it.
             b = self.book
@@ -433,6 +438,7 @@ class Collector:
 
     def wait_for_devices(self, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        self.metrics.progress("waiting for devices")
         while len(self.online) < n and time.monotonic() < deadline:
             inc = self.link.get(timeout=0.5)
             if inc is not None:
@@ -451,7 +457,8 @@ class Collector:
         b = self.book
         assert b is not None
         b.stage, b.expect, b.inbox = stage, set(expect), {}
-        self.pump(time.monotonic() + max(0.0, timeout_s))
+        with self.metrics.stage(stage, timeout_s):
+            self.pump(time.monotonic() + max(0.0, timeout_s))
         missing = b.waiting_for()
         if missing and b.closed_early():
             log.info("round %d: %d updates in, enough (over-selection); %s are stragglers this round", b.rnd,
@@ -478,6 +485,7 @@ class Collector:
         assert b is not None
         n = send(self.link, topics.down(device, kind), topics.down(device, "chunk"), self.wrap(msg, b.rnd, device), self.policy)
         b.count(device, "down", kind, n)
+        self.metrics.wire("out", kind, n)
         return n
 
     RELEASE_RESENDS = 2  # per device and delivery: a device that restarts more often than this waits for the next one
@@ -512,6 +520,7 @@ class Collector:
                     sent[d] += send_one(d)
                     sent_at[d] = time.monotonic()
                     deadline = max(deadline, sent_at[d] + timeout_s / 2)
+        self.metrics.wire("out", "release", sum(sent.values()))
         acks = {d: self.release_acks.get(d, "") for d in devices}
         return {"down_bytes": sent,
                 "installed": sorted(d for d, a in acks.items() if a == f"installed {release_id}"),

@@ -8,6 +8,7 @@ the service, load a model or write anything.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def _registry(cfg: AggregatorConfig) -> Check:
     if cfg.secagg and cfg.authority and uncertified:
         return Check("registry", WARN, f"{len(entries)} enrolled; {uncertified} without a certificate cannot pass secure "
                      "aggregation (fl-authority certify, then fl-agg enroll --cert --replace)")
+    now = time.time()
+    lapsed = {d: e.cert.window_problem(now) for d, e in entries.items() if e.cert is not None and e.cert.window_problem(now)}
+    if lapsed:
+        # Their peers refuse their adverts: they take no part until re-certified (fl-agg enroll --cert --replace).
+        return Check("registry", WARN, f"{len(entries)} enrolled; certificates not valid now: " +
+                     "; ".join(f"{d}: {why}" for d, why in sorted(lapsed.items())))
     return Check("registry", OK, f"{len(entries)} devices enrolled" + (", each with a certificate" if not uncertified else ""))
 
 
@@ -90,7 +97,11 @@ def _authority(cfg: AggregatorConfig) -> Check:
 def _broker(cfg: AggregatorConfig, timeout: float) -> Check:
     from fl_mqtt.probe import broker_problem
 
-    why, what = broker_problem(cfg.broker, cfg.ca_file, timeout)
+    try:
+        _, _, ca_file = cfg.mqtt_login()
+    except Exception as e:  # noqa: BLE001 - a missing or damaged login file is this line's verdict
+        return Check("broker", FAIL, f"broker login file: {e}")
+    why, what = broker_problem(cfg.broker, ca_file, timeout)
     return Check("broker", FAIL, why) if why else Check("broker", OK, what)
 
 

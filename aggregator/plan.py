@@ -6,6 +6,7 @@ learnt so far (aggregate magnitudes, the fleet's summed sketch) in; a ``RoundSpe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from shared import messages as M
-from shared import secagg, sparse, tensors, update_codec
+from shared import dp, secagg, sparse, tensors, update_codec
 from shared.errors import ConfigError
 from shared.secagg.floors import Floors
 
@@ -51,13 +52,34 @@ def secagg_spec(c: AggregatorConfig, participants: list[str], online: dict[str, 
         log.warning("threshold %d for a neighbourhood of %d is below the devices' default floor of %d (ceil(2k/3)): "
                     "devices with default floors decline the round", t, kk, floor)
     try:
-        ring_bits, value_bits = update_codec.ring_for(n, c.value_bits)
+        if c.dp.enabled:
+            # The DP ring holds noisy signed sums sized by their wrap-around bound (shared.dp);
+            # value_bits only keeps the spec's own ring check meaningful, nobody encodes with it.
+            ring_bits = c.dp.ring_bits
+            value_bits = update_codec.value_bits_for(n, ring_bits)
+        else:
+            ring_bits, value_bits = update_codec.ring_for(n, c.value_bits)
     except ConfigError as e:
         raise secagg.SecAggAbort(str(e)) from e
     return M.SecAggSpec(node_ids=tuple(range(n)), threshold=t, graph_seed=os.urandom(32), clip=c.clip,
                         ring_bits=ring_bits, value_bits=value_bits,
                         weight_norm=1,  # every device weighs 1: see AggregatorConfig.max_weight_examples
                         sketch_block=c.sketch_block if method != "dense" else 0)
+
+
+def dp_spec(c: AggregatorConfig, sa: M.SecAggSpec, dim: int) -> dp.DPSpec:
+    """The round's DP parameters: noise for the quorum (by default the threshold, the fewest
+    survivors SecAgg+ unmasks), the scale sized for the whole cohort's noisy sum in the ring."""
+    n, quorum = len(sa.node_ids), c.dp.quorum or sa.threshold
+    if quorum > sa.threshold:
+        raise secagg.SecAggAbort(f"dp.quorum {quorum} is above the round's threshold {sa.threshold}: a sum of fewer "
+                                 "survivors could be unmasked with less than the target noise (devices refuse it)")
+    try:
+        scale = dp.size_scale(c.dp.l2_clip, c.dp.noise_multiplier, quorum, n, dim, sa.ring_bits, c.dp.wrap_probability)
+    except ConfigError as e:
+        raise secagg.SecAggAbort(str(e)) from e
+    return dp.DPSpec(mechanism="skellam", l2_clip=c.dp.l2_clip, noise_multiplier=c.dp.noise_multiplier, quorum=quorum,
+                     scale=scale, rotation_seed=os.urandom(dp.SEED_BYTES))
 
 
 def round_spec(c: AggregatorConfig, rnd: int, participants: list[str], *, global_state: dict[str, np.ndarray],
@@ -75,6 +97,8 @@ def round_spec(c: AggregatorConfig, rnd: int, participants: list[str], *, global
     seed = c.seed * 100_003 + (rnd if version is None else version + 1)
     sp = sparse_spec(c, layout.dim, seed, scores, sketch)
     sa = secagg_spec(c, participants, online, sp.method) if c.secagg else None
+    if sa is not None and c.dp.enabled:
+        sa = dataclasses.replace(sa, dp=dp_spec(c, sa, update_codec.secagg_dim(sp, sa, scoring)))
     return M.RoundSpec(round=rnd, participants=tuple(participants), local_steps=c.local_steps,
                        learning_rate=c.learning_rate, lora=lora, base_digest=digest,
                        deadline_s=c.round_timeout_s, seed=seed, adapter=tensors.pack(global_state),
@@ -95,7 +119,7 @@ def upload_cap(spec: M.RoundSpec, global_state: dict[str, np.ndarray]) -> int:
     common = dict(round=spec.round, device_id="d" * 64, seq=2**63 - 1, num_examples=2**31 - 1, steps=2**31 - 1,
                   train_loss=0.0, base_digest=spec.base_digest)
     if sa is not None:
-        k = update_codec.secagg_dim(sp, sa, spec.scoring)
+        k = update_codec.masked_dim(sp, sa, spec.scoring)
         msg: M.Message = M.MaskedUpdate(masked=bytes(sparse.ring_bytes(k, sa.ring_bits)), **common)  # type: ignore[arg-type]
     elif sp.method == "dense":
         msg = M.Update(payload="delta", tensors=tensors.pack(global_state), **common)  # type: ignore[arg-type]

@@ -62,6 +62,9 @@ class RoundRecord:
     release: dict[str, Any] | None = None
     # Set when the record is not the round's own (written by a restarted aggregator): what is missing.
     note: str | None = None
+    # Distributed DP rounds: the fleet's epsilon after this round and the round's mechanism
+    # (aggregator.privacy.FleetAccountant.charge); absent from rounds without DP.
+    privacy: dict[str, Any] | None = None
 
     # The student's private-family scores, under the names every reader has used.
     @property
@@ -95,6 +98,8 @@ class RoundRecord:
         d["release"] = self.release
         if self.note is not None:
             d["note"] = self.note
+        if self.privacy is not None:
+            d["privacy"] = self.privacy
         return d
 
     @staticmethod
@@ -112,7 +117,8 @@ class RoundRecord:
             abandon_reason=d.get("abandon_reason"),
             teacher=ModelEvals.from_json(d["teacher"]) if d.get("teacher") else None,
             distil=d.get("distil"), time_s=float(d.get("time_s", 0.0)),
-            samples=[dict(x) for x in d.get("samples", [])], release=d.get("release"), note=d.get("note"))
+            samples=[dict(x) for x in d.get("samples", [])], release=d.get("release"), note=d.get("note"),
+            privacy=d.get("privacy"))
 
 
 def append(path: Path, rec: RoundRecord) -> None:

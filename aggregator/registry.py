@@ -74,9 +74,24 @@ def enroll(path: str | Path, device_id: str, public: PublicKeys, *, replace: boo
         raise ConfigError(f"{device_id} is already enrolled in {p} with key {old.keys.fingerprint()}; pass --replace to "
                           f"give it the key {public.fingerprint()}")
     devices[device_id] = Enrolled(public, cert if cert is not None else (old.cert if old and old.keys == public else None))
+    _write(p, devices)
+
+
+def unenroll(path: str | Path, device_id: str) -> Enrolled:
+    """Remove one device (it is ignored from the aggregator's next start); returns its entry."""
+    p = Path(path)
+    devices = load_entries(p)
+    if device_id not in devices:
+        raise ConfigError(f"{device_id} is not enrolled in {p} (enrolled: {', '.join(sorted(devices)) or 'none'})")
+    gone = devices.pop(device_id)
+    _write(p, devices)
+    return gone
+
+
+def _write(p: Path, devices: dict[str, Enrolled]) -> None:
     out = {"devices": {d: {"keys": json.loads(e.keys.to_json()), "cert": json.loads(e.cert.to_json()) if e.cert else None}
                        for d, e in sorted(devices.items())}}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, p)
+    os.replace(tmp, p)  # atomic: a crash never leaves half a registry

@@ -19,7 +19,7 @@ import numpy as np
 from aggregator.collect import Collector, RoundBook
 from aggregator.strategy import Reply
 from shared import messages as M
-from shared import secagg, sparse, update_codec
+from shared import dp, secagg, sparse, update_codec
 from shared.errors import ProtocolError, ReplayError, SchemaError
 from shared.secagg import hardened
 
@@ -44,7 +44,7 @@ def fold_masked(b: RoundBook, device: str, up: M.MaskedUpdate) -> Reply:
     assert b.spec is not None and b.spec.secagg is not None
     if b.stage != "update" or b.sa is None:
         raise ReplayError(f"masked update from {device} outside the masked-input stage ({b.stage})")
-    sa, k = b.spec.secagg, update_codec.secagg_dim(b.spec.sparse, b.spec.secagg, b.spec.scoring)
+    sa, k = b.spec.secagg, update_codec.masked_dim(b.spec.sparse, b.spec.secagg, b.spec.scoring)
     if len(up.masked) != sparse.ring_bytes(k, sa.ring_bits):
         raise SchemaError(f"masked update from {device} has {len(up.masked)} bytes, expected "
                           f"{sparse.ring_bytes(k, sa.ring_bits)}")
@@ -75,7 +75,7 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
     b.node_of = dict(zip(spec.participants, sa.node_ids))
     dev_of = {n: d for d, n in b.node_of.items()}
     params = secagg.SecAggParams(round_id=b.rnd, node_ids=sa.node_ids, threshold=sa.threshold,
-                                 dim=update_codec.secagg_dim(spec.sparse, sa, spec.scoring), graph_seed=sa.graph_seed)
+                                 dim=update_codec.masked_dim(spec.sparse, sa, spec.scoring), graph_seed=sa.graph_seed)
     b.accept = lambda device, up: fold_masked(b, device, up)
     if authority is None:
         b.hardened = False
@@ -123,12 +123,17 @@ def run(col: Collector, b: RoundBook, layout: sparse.Layout, key_timeout_s: floa
         b.sa, asked = hardened.server_collect_consistency(b.sa, got.values())  # type: ignore[assignment]
     _relay(col, b, asked)
     got = col.collect("unmask", {dev_of[u] for u in asked}, key_timeout_s)
-    res = hardened.server_unmask(b.sa, got.values())
+    with col.metrics.stage("unmask_sum"):  # rebuilding the masks to remove: what grows with the fleet and its dropouts
+        res = hardened.server_unmask(b.sa, got.values())
     b.sa = None  # the accumulator now holds the sum; nothing else about single devices remains
     contributors = [dev_of[u] for u in res.contributors]
     n = len(contributors)
     total = update_codec.reduce_ring(res.total, sa.ring_bits)
-    summed = secagg.dequantize_sum(total, update_codec.quant_config(sa), n)
+    if sa.dp is not None:
+        # The noisy sum of the L2-clipped inputs, rotated back (shared.dp); still a sum over devices.
+        summed = dp.decode_sum(total, sa.dp, sa.ring_bits, update_codec.secagg_dim(spec.sparse, sa, spec.scoring))
+    else:
+        summed = secagg.dequantize_sum(total, update_codec.quant_config(sa), n)
     slots = check_bounds(summed, spec, n)
     # Every device weighs 1: the mean's denominator is the number of contributors, not a masked
     # weight that no one could bound.
@@ -165,7 +170,14 @@ def check_bounds(summed: np.ndarray, spec: M.RoundSpec, n: int) -> dict[str, np.
     assert sa is not None
     if not np.isfinite(summed).all():
         raise AggregateRejected("the unmasked sum has non-finite values")
-    qb = secagg.error_bound(update_codec.quant_config(sa), n)
+    if sa.dp is not None:
+        # A noisy sum leaves any fixed range by chance: widen each bound by what the noise (and
+        # rounding) of n contributors can add except with probability 1e-9 over the whole vector,
+        # so an honest round passes, while a value far outside (a wrapped coordinate, a device
+        # sending garbage at full scale) still voids the round.
+        qb = dp.noise_allowance(sa.dp, n, update_codec.secagg_dim(spec.sparse, sa, spec.scoring))
+    else:
+        qb = secagg.error_bound(update_codec.quant_config(sa), n)
     parts = {name: summed[s] for name, s in _slices(spec).items()}
     bounds = update_codec.slot_bounds(spec.sparse, sa, spec.scoring, n)
     named = {"values": parts["values"], "sketch": parts["sketch"], "scores": parts["scores"],
@@ -176,7 +188,9 @@ def check_bounds(summed: np.ndarray, spec: M.RoundSpec, n: int) -> dict[str, np.
             worst = float(v.min()) if v.min() < lo - qb else float(v.max())
             raise AggregateRejected(f"slot {name!r} out of bounds: {worst:.4g} outside [{lo:.4g}, {hi:.4g}] "
                                     f"(+-{qb:.2g}) for {n} contributors")
-    if spec.scoring is not None:
+    if spec.scoring is not None and sa.dp is None:
+        # Under DP the scores are scaled by each device's L2 clip and noised: they no longer sum
+        # to exactly 1 per position, and the slot bounds above are the check that remains.
         _check_scores(parts["scores"], spec.scoring, n, sa.clip, qb)
     return parts
 

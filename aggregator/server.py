@@ -9,6 +9,7 @@ evaluate, record.
   ``aggregator.checkpoint``
 - what the round does besides FedAvg: a mode plug-in, ``aggregator.modes``
 - the round record: ``aggregator.record``
+- what an operator scrapes (``/metrics``, ``/healthz``): ``aggregator.metrics``
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from aggregator import checkpoint, plan, record, registry, secure_round, updates
+from aggregator import checkpoint, plan, privacy, record, registry, secure_round, updates
 from aggregator.collect import Collector, RoundBook
 from aggregator.config import AggregatorConfig
+from aggregator.metrics import Metrics, OpsServer
 from aggregator.model import HostedModel
 from aggregator.modes import Mode, ModeContext
 from aggregator.record import ModelEvals, RoundRecord
@@ -125,8 +127,16 @@ class Aggregator:
                     if uncertified:
                         log.warning("devices %s are enrolled without a certificate: they cannot pass secure "
                                     "aggregation (fl-authority certify, then fl-agg enroll --cert --replace)", uncertified)
+                    for d, c in sorted(self.certs.items()):
+                        why = c.cert.window_problem() if c.cert is not None else None
+                        if why:
+                            log.warning("%s's certificate is %s: its adverts are refused until it is re-certified "
+                                        "(fl-authority certify, then fl-agg enroll --cert --replace)", d, why)
+        self.metrics = Metrics()  # the /metrics series and /healthz (aggregator.metrics), served by serve_ops
+        self.ops: OpsServer | None = None
         self.col = Collector(enrolled=enrolled, keys=keys, pubkeys=pubkeys, chunk_bytes=cfg.chunk_bytes, out_dir=self.out,
-                             keep_received=cfg.keep_received, accept_plain=self._accept_plain)
+                             keep_received=cfg.keep_received, accept_plain=self._accept_plain, metrics=self.metrics)
+        self.metrics.online.set_function(lambda: len(self.col.online))
         self.eval_examples = load_eval(cfg.eval_data, cfg.eval_max_per_family)
         self.eval_public = load_eval(cfg.public_eval_data, cfg.eval_max_per_family) if cfg.public_eval_data else []
         self.public = load_public(cfg.public_data) if cfg.public_data else []
@@ -140,6 +150,10 @@ class Aggregator:
         self.store: Store | None = None
         self.scores: np.ndarray | None = None  # momentum of aggregate magnitudes, for global top-k
         self.sketch: np.ndarray | None = None  # last round's summed magnitude sketch (secure aggregation)
+        # Distributed DP: the fleet's epsilon so far, rebuilt from the recorded rounds (aggregator.privacy).
+        metrics = self.out / "metrics.jsonl"
+        self.privacy = (privacy.FleetAccountant.from_records(cfg.dp, record.read(metrics) if metrics.exists() else [])
+                        if cfg.dp.enabled else None)
         if cfg.secagg:
             log.info("secure aggregation on%s: the aggregator learns only the sum of each round's updates",
                      " (hardened: certified adverts, consistency check)" if self.authority is not None else " (semi-honest)")
@@ -320,6 +334,7 @@ class Aggregator:
     def run_round(self, rnd: int) -> RoundRecord:
         assert self.student is not None and self.mode is not None
         t0 = time.monotonic()
+        self.metrics.round_started(rnd)
         # plan
         c = self.cfg
         invite = math.ceil(c.clients_per_round * c.overselect) if c.clients_per_round else 0
@@ -328,6 +343,7 @@ class Aggregator:
                                   enough=c.clients_per_round if c.overselect > 1.0 else 0)
         new: dict[str, np.ndarray] | None = None
         reason = ""
+        spent: dict[str, Any] | None = None
         try:
             if self.cfg.secagg and len(participants) < 2:
                 raise secagg.SecAggAbort(f"{len(participants)} participant(s); secure aggregation needs at least 2")
@@ -337,11 +353,16 @@ class Aggregator:
                                      sketch=self.sketch, scoring=scoring, version=self.version)
             b.idx = update_codec.round_indices(b.spec.sparse)
             b.max_upload = plan.upload_cap(b.spec, self.global_state)
+            dp_round = self.privacy is not None and b.spec.secagg is not None and b.spec.secagg.dp is not None
+            if dp_round:
+                self.privacy.admit(b.spec)  # type: ignore[union-attr]  # BudgetSpent: stop before announcing
             # announce, collect, aggregate
             assert self.store is not None
             self.store.mark_announced(rnd, self.col.last_seq)
             self.announced = rnd
             self._announce(b)
+            if dp_round:
+                spent = self.privacy.charge(b.spec)  # type: ignore[union-attr]
             new = self._collect_and_aggregate(b)
             if new is None:
                 reason = f"{len(b.replies)} of {len(participants)} updates received, quorum is {self.cfg.quorum}"
@@ -363,6 +384,7 @@ class Aggregator:
             self.store.abandon(rnd, reason, self.col.last_seq)
         else:
             self.student.set_state(new)
+            self.metrics.progress("distil")
             distil = self.mode.distil(rnd)  # may move the student: the distilled one is the next global model
             sc = b.spec.scoring if b.spec is not None else None
             if distil is not None and sc is not None and b.spec is not None and b.spec.secagg is not None:
@@ -376,6 +398,7 @@ class Aggregator:
                                            "drop_reasons": drop_reasons, "secagg": b.spec is not None and b.spec.secagg is not None})
         self.round = rnd
         # evaluate, record
+        self.metrics.progress("evaluate")
         student, teacher = self.evaluate()
         sp = b.spec.sparse if b.spec else None
         return RoundRecord(
@@ -388,7 +411,7 @@ class Aggregator:
             fleet_train_loss=b.fleet_train_loss if new is not None else None,
             sparse={"method": sp.method, "k": sp.k, "dim": sp.dim} if sp else None,
             secagg=b.spec is not None and b.spec.secagg is not None, abandon_reason=reason if new is None else None,
-            distil=distil, time_s=round(time.monotonic() - t0, 3), samples=self.samples())
+            distil=distil, time_s=round(time.monotonic() - t0, 3), samples=self.samples(), privacy=spent)
 
     # -- the service ---------------------------------------------------------------------------
     def _release_due(self, rnd: int, rec: RoundRecord) -> bool:
@@ -434,6 +457,7 @@ class Aggregator:
             self.store.release_skipped(rnd, "parity gate failed")
             return None
         self.store.release_built(rnd, built.manifest.release_id, built.signed)
+        self.metrics.released("release")
         self._audit_release(built, rnd)
         return built
 
@@ -455,6 +479,7 @@ class Aggregator:
         outcome |= {d: f"refused: {why}" for d, why in delivery["refused"].items()}
         outcome |= {d: "no answer" for d in delivery["no_answer"]}
         self.store.delivered(m.release_id, outcome)
+        self.metrics.delivered(delivery)
         if self.audit is not None:
             self.audit.append("delivery", rnd, 0, "", {"release_id": m.release_id, "outcome": outcome})
         log.info("release %s: installed on %d of %d devices%s%s", m.release_id, len(delivery["installed"]), len(devices),
@@ -544,6 +569,7 @@ class Aggregator:
             return None
         m = built.manifest
         self.store.release_built(self.round, m.release_id, built.signed, detail=f"rollback of {m.rollback_of}")
+        self.metrics.released("rollback")
         self._audit_release(built, self.round)
         delivery = self.deliver(built, sorted(self.online), self.shutdown_round)
         entry = {"to": m.release_id, "replaces": m.rollback_of, "reason": req.get("reason", ""), "after_round": self.round,
@@ -560,7 +586,8 @@ class Aggregator:
         from shared import topics
 
         c = self.cfg
-        self.link = MqttLink("aggregator", c.broker, username=c.username, password=c.password, ca_file=c.ca_file, protocol=c.protocol,
+        user, password, ca_file = c.mqtt_login()
+        self.link = MqttLink("aggregator", c.broker, username=user, password=password, ca_file=ca_file, protocol=c.protocol,
                              allow_plaintext_password=c.allow_plaintext_password)
         self.link.connect()
         self.link.subscribe(topics.up_filter())
@@ -568,6 +595,7 @@ class Aggregator:
     def _record(self, metrics: Path, rec: RoundRecord) -> None:
         """The round's record in ``metrics.jsonl`` and, signed and chained, in the audit log."""
         record.append(metrics, rec)
+        self.metrics.observe_round(rec)
         if self.audit is not None:
             self.audit.append("round", rec.round, 0, "", {
                 "status": rec.status, "mode": rec.mode, "participants": rec.participants, "received": rec.received,
@@ -575,9 +603,17 @@ class Aggregator:
                 # What the aggregator saw in clear: the sum only under secure aggregation.
                 "decrypted": "aggregate only" if rec.secagg else ("each update" if rec.received else "nothing"),
                 "model_sha256": self._model_digest() if rec.status in ("ok", "baseline") else None,
+                **({"privacy": {k: rec.privacy[k] for k in ("epsilon", "delta", "rounds", "noise_multiplier", "quorum")}}
+                   if rec.privacy else {}),
                 **({"abandon_reason": rec.abandon_reason} if rec.abandon_reason else {}),
                 **({"release": {k: rec.release[k] for k in ("published", "release_id", "reason", "installed") if k in rec.release}}
                    if rec.release else {})})
+
+    def stop_for_privacy(self, rnd: int, why: str) -> None:
+        """The fleet's epsilon target is reached: no round ``rnd`` (it was never announced)."""
+        log.error("privacy budget reached: stopping the fleet before round %d: %s", rnd, why)
+        if self.audit is not None:
+            self.audit.append("privacy_stop", rnd, 0, "", {"reason": why, "epsilon": self.privacy.epsilon if self.privacy else None})
 
     def _model_digest(self) -> str | None:
         st = self.store.state() if self.store is not None else None
@@ -629,7 +665,13 @@ class Aggregator:
             abandon_reason=why or "the aggregator stopped during the round; the model is the last committed round's",
             note="recorded after a restart: the round's participants, bytes and losses were lost with the process"))
 
+    def serve_ops(self) -> None:
+        """``/metrics`` and ``/healthz`` on ``metrics_host:metrics_port`` (aggregator.metrics); off when the port is 0."""
+        if self.cfg.metrics_port and self.ops is None:
+            self.ops = OpsServer(self.cfg.metrics_host, self.cfg.metrics_port, self.metrics, lambda: self.col.link)
+
     def run(self) -> None:
+        self.serve_ops()
         self.load_model()
         self.connect()
         metrics = self.out / "metrics.jsonl"
@@ -649,7 +691,11 @@ class Aggregator:
                     self.wait_for_devices()
                 self.rollback_if_requested()
                 self.deliver_latest()  # to a device that missed one (nothing to do, and no wait, when all have it)
-                rec = self.run_round(rnd)
+                try:
+                    rec = self.run_round(rnd)
+                except privacy.BudgetSpent as e:
+                    self.stop_for_privacy(rnd, str(e))
+                    break
                 if self._release_due(rnd, rec):
                     rec = dataclasses.replace(rec, release=self.release(rnd, rec))
                 self._record(metrics, rec)
@@ -663,3 +709,5 @@ class Aggregator:
         finally:
             self.col.broadcast_shutdown(self.shutdown_round)
             self.link.close()
+            if self.ops is not None:
+                self.ops.close()

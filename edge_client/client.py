@@ -27,6 +27,7 @@ import numpy as np
 from edge_client import state as device_state
 from edge_client import train_checkpoint, update_builder
 from edge_client.budget import BudgetExceeded, Declined, NonFiniteUpdate, local_steps
+from edge_client.privacy import DeviceAccountant, PrivacyFloors
 from edge_client.config import EdgeConfig
 from shared import messages as M
 from shared import authority, secagg, secure, sparse, tensors, topics, update_codec
@@ -95,6 +96,9 @@ class EdgeClient:
         self.sa_ident: hardened.Identity | None = None
         self.sa_built: tuple[Any, Any] | None = None  # this round's input, built, waiting for its mask peers
         self.residual = self._load_residual()
+        # This device's own DP accounting and floors (edge_client/privacy.py), persisted in the work dir.
+        self._ledger_note: dict[int, dict] = {}  # round -> clip, noise and epsilon, for the masked update's ledger entry
+        self.privacy = DeviceAccountant(self.work, PrivacyFloors(cfg.dp_min_noise_multiplier, cfg.dp_max_epsilon, cfg.dp_delta))
         self.last_train: Any = None  # the last round's fl_lm.train.TrainResult (stays on the device)
         # A round this process continues from its training checkpoint once connected (spec, announcement, step).
         self._resume: tuple[M.RoundSpec, bytes, int] | None = None
@@ -325,7 +329,8 @@ class EdgeClient:
             wire = secure.sign_message(msg, round=rnd, device_id=self.cfg.device_id, key=self.keys)
         # Recorded (and fsync'ed) before the bytes go to the broker: what left is always in the ledger.
         if self.ledger is not None:
-            self.ledger.record(type(msg).KIND, rnd, wire, msg)
+            note = self._ledger_note.pop(rnd, None) if isinstance(msg, M.MaskedUpdate) else None
+            self.ledger.record(type(msg).KIND, rnd, wire, msg, {"privacy": note} if note else None)
         return wire
 
     def _status(self, state: str, detail: str = "") -> bytes:
@@ -407,7 +412,8 @@ class EdgeClient:
         from fl_mqtt.link import MqttLink
 
         c = self.cfg
-        self.link = MqttLink(c.device_id, c.broker, username=c.username, password=c.password, ca_file=c.ca_file,
+        user, password, ca_file = c.mqtt_login()
+        self.link = MqttLink(c.device_id, c.broker, username=user, password=password, ca_file=ca_file,
                              protocol=c.protocol, will=(topics.up(c.device_id, "status"), self._status("offline", "connection lost")),
                              allow_plaintext_password=c.allow_plaintext_password)
         self._connect_with_retries()
@@ -545,7 +551,7 @@ class EdgeClient:
         if me not in spec.participants:
             return True
         self._seen_round(spec.round)
-        why = self.below_floor(spec)
+        why = self.below_floor(spec) or self.privacy.refusal(spec)
         if why:
             log.error("%s: refusing round %d: %s", me, spec.round, why)
             self.publish_status("declined", f"refused: {why}")
@@ -662,7 +668,7 @@ class EdgeClient:
             raise SchemaError("device_topk sparsity cannot be securely aggregated")
         node = sa.node_ids[spec.participants.index(self.cfg.device_id)]
         params = secagg.SecAggParams(round_id=spec.round, node_ids=sa.node_ids, threshold=sa.threshold,
-                                     dim=update_codec.secagg_dim(spec.sparse, sa, spec.scoring), graph_seed=sa.graph_seed)
+                                     dim=update_codec.masked_dim(spec.sparse, sa, spec.scoring), graph_seed=sa.graph_seed)
         if self.cfg.insecure:
             inner, adv = secagg.client_advertise(params, node)  # semi-honest: nothing to sign with
             self.sa_state = hardened.HardenedClient(inner, None)  # type: ignore[arg-type]
@@ -805,6 +811,13 @@ class EdgeClient:
         self._save_residual(built.residual)
         self._keep(spec.round, built.sent)
         seq = self._next_seq()
+        eps = self.privacy.charge(spec)  # before the bytes leave: a crash wastes budget, never reuses it
+        if eps is not None:
+            log.info("%s: round %d: this device's epsilon is now %.4g at delta %g", me, spec.round, eps, self.privacy.floors.delta)
+        # What the auditor reads beside the update in the ledger: the clip, the noise, the epsilon after.
+        self._ledger_note[spec.round] = ({"clip": sa.clip, "dp": None} if sa.dp is None else
+                                         {"l2_clip": sa.dp.l2_clip, "noise_multiplier": sa.dp.noise_multiplier,
+                                          "quorum": sa.dp.quorum, "epsilon_after": eps, "delta": self.privacy.floors.delta})
         # Weight and loss travel masked in the vector's tail; the clear fields carry nothing.
         up = M.MaskedUpdate(round=spec.round, device_id=me, seq=seq, num_examples=1,
                             steps=res.steps, train_loss=0.0, base_digest=self.digest,

@@ -20,6 +20,7 @@ from edge_client.config import EdgeConfig
 
 from shared.checklist import FAIL, OK, WARN, Check, guarded
 MIN_FREE_BYTES = 2 << 30  # a real release is ~180-260 MB, state and checkpoints a few more: 2 GB is a floor
+RENEW_DAYS = 30  # a certificate this close to its end is a warning: renewal goes through the offline authority
 REQUIRED = ("torch", "transformers", "peft", "onnxruntime", "paho-mqtt", "cryptography", "numpy", "safetensors")
 
 
@@ -112,7 +113,7 @@ def _certificate(cfg: EdgeConfig) -> Check:
                      "secure round (fl-authority certify on the operator's machine)")
     try:
         cert = authority.load(cfg.cert)
-        keys = authority.verify(cert, load_public_keys(cfg.authority_keys), cfg.device_id)
+        keys = authority.verify(cert, load_public_keys(cfg.authority_keys), cfg.device_id, now=time.time())
     except Exception as e:  # noqa: BLE001
         return Check("certificate", FAIL, f"{cfg.cert}: {e}")
     mine = _own_public(cfg)
@@ -121,7 +122,15 @@ def _certificate(cfg: EdgeConfig) -> Check:
                      "keys (see the keys line)")
     if keys != mine:
         return Check("certificate", FAIL, f"{cfg.cert} certifies other keys than {cfg.keys} (keys regenerated since?)")
-    return Check("certificate", OK, f"{cfg.cert}: {cfg.device_id} certified by the pinned authority, for this device's keys")
+    if cert.not_after is None:
+        return Check("certificate", WARN, f"{cfg.cert}: certified, but with no validity window (signed before windows "
+                     "existed); re-certify it (fl-authority certify)")
+    left = (cert.not_after - time.time()) / 86400
+    until = f"valid until {authority.iso_time(cert.not_after)}"
+    if left < RENEW_DAYS:
+        return Check("certificate", WARN, f"{cfg.cert}: {until}, {left:.0f} days left: ask the operator for a new one")
+    return Check("certificate", OK, f"{cfg.cert}: {cfg.device_id} certified by the pinned authority, for this device's keys, "
+                 f"{until}")
 
 
 def _own_public(cfg: EdgeConfig) -> Any:
@@ -137,7 +146,11 @@ def _own_public(cfg: EdgeConfig) -> Any:
 def _broker(cfg: EdgeConfig, timeout: float, login: bool) -> Check:
     from fl_mqtt.probe import broker_problem
 
-    why, tls = broker_problem(cfg.broker, cfg.ca_file, timeout, now=time.time())
+    try:
+        user, password, ca_file = cfg.mqtt_login()
+    except Exception as e:  # noqa: BLE001 - a missing or damaged login file is this line's verdict
+        return Check("broker", FAIL, f"broker login file: {e}")
+    why, tls = broker_problem(cfg.broker, ca_file, timeout, now=time.time())
     if why:
         return Check("broker", FAIL, why)
     if not login:
@@ -146,18 +159,18 @@ def _broker(cfg: EdgeConfig, timeout: float, login: bool) -> Check:
         return Check("broker", OK, f"{tls}; MQTT login not tried (fl-edge doctor --login, with the device's client stopped)")
     from fl_mqtt.link import LinkError, MqttLink
 
-    link = MqttLink(f"{cfg.device_id}-doctor", cfg.broker, username=cfg.username, password=cfg.password, ca_file=cfg.ca_file,
+    link = MqttLink(f"{cfg.device_id}-doctor", cfg.broker, username=user, password=password, ca_file=ca_file,
                     protocol=cfg.protocol, allow_plaintext_password=cfg.allow_plaintext_password)
     try:
         link.connect(timeout=timeout)
     except (LinkError, OSError, ValueError) as e:
-        return Check("broker", FAIL, f"{cfg.broker}: MQTT login as {cfg.username!r} refused or unanswered: {e}")
+        return Check("broker", FAIL, f"{cfg.broker}: MQTT login as {user!r} refused or unanswered: {e}")
     finally:
         try:
             link.close()
         except Exception:  # noqa: BLE001 - closing a link that never opened
             pass
-    return Check("broker", OK, f"{cfg.broker}: {tls}, logged in as {cfg.username!r}")
+    return Check("broker", OK, f"{cfg.broker}: {tls}, logged in as {user!r}")
 
 
 def _disk(cfg: EdgeConfig) -> Check:

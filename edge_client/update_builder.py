@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared import messages as M
-from shared import sparse, update_codec
+from shared import dp, sparse, update_codec
 from shared.secagg.quant import quantize
 
 
@@ -39,6 +39,7 @@ class Built:
     encoding: str = ""
     x: np.ndarray | None = None
     clipped: float = 0.0  # fraction of sent coordinates that hit the clip (the rest waits in the residual)
+    l2_factor: float = 1.0  # under DP: what the whole-vector L2 clip scaled the input by (1: inside the clip)
 
 
 def _accumulate(delta: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
@@ -74,6 +75,7 @@ def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa:
     the aggregator learns the weighted mean without any device's weight or loss. ``scores`` (an
     fl-minillm client-teacher round's scoring vector, probabilities in [0, 1]) go between the
     sketch and the tail, weighted the same way: the aggregator learns only the fleet's mean.
+    With ``sa.dp`` the fixed-point encoding is replaced by the DP stage (``_secure_dp``).
     """
     idx = update_codec.round_indices(sp)
     assert idx is not None, "device_topk is refused with secure aggregation"
@@ -95,5 +97,24 @@ def secure(delta: np.ndarray, residual: np.ndarray | None, sp: M.SparseSpec, sa:
         # bug): once masked nobody could tell, and the sum would be garbage.
         raise NonFiniteInput(f"non-finite secure input: {bad} of {x_float.size} values are NaN or Inf after clipping")
     # Fresh OS entropy by default: a reproducible rounding pattern would be a side channel.
-    x = quantize(x_float, update_codec.quant_config(sa), rng_seed if rng_seed is not None else np.random.SeedSequence())
+    seed = rng_seed if rng_seed is not None else np.random.SeedSequence()
+    if sa.dp is not None:
+        return _secure_dp(x_float, values, idx, new_residual, sp, sa.dp, sa.ring_bits, seed, clipped)
+    x = quantize(x_float, update_codec.quant_config(sa), seed)
     return Built(sent=sparse.scatter(values, idx, sp.dim), residual=new_residual, x=x, clipped=clipped)
+
+
+def _secure_dp(x_float: np.ndarray, values: np.ndarray, idx: np.ndarray, residual: np.ndarray, sp: M.SparseSpec,
+               spec: dp.DPSpec, ring_bits: int, seed: np.random.SeedSequence | int, clipped: float) -> Built:
+    """The DP stage (``shared.dp.encode``): the whole input, values to tail, L2-clipped, rotated,
+    scaled, rounded and noised into the ring. The weight in the tail is at most 1 (``weight_norm``
+    is 1), so the L2 clip bounds everything one device adds to the sum.
+
+    What the L2 clip cuts off the values goes back to the residual like the per-coordinate clip's:
+    it stays on the device, so feeding it back costs no privacy; what was sent is what was
+    clipped, before the noise.
+    """
+    x, f = dp.encode(x_float, spec, ring_bits, np.random.default_rng(seed))
+    sent_values = (values.astype(np.float64) * f).astype(np.float32)
+    residual = residual + sparse.scatter(values - sent_values, idx, sp.dim)
+    return Built(sent=sparse.scatter(sent_values, idx, sp.dim), residual=residual, x=x, clipped=clipped, l2_factor=f)

@@ -326,6 +326,11 @@ class MqttLink:
         self.counter.add(self.counter.sent, topic, n)
         return n
 
+    @property
+    def connected(self) -> bool:
+        """Whether the broker session is up now (an operator's health check reads it)."""
+        return self._client is not None and self._connected.is_set()
+
     def get(self, timeout: float | None = None) -> Incoming | None:
         try:
             return self.inbox.get(timeout=timeout)

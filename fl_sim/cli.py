@@ -83,11 +83,14 @@ def parse(argv: list[str] | None) -> SimSettings:
     ap.add_argument("--clip", type=float, default=d.clip, help="per-coordinate clip of sent values (the rest is kept for later rounds)")
     ap.add_argument("--keep-sent", action="store_true", help="devices keep a plaintext copy of each contribution (audit)")
     ap.add_argument("--keep-received", action="store_true", help="store every received update's bytes (debug/audit)")
+    ap.add_argument("--data-only", action="store_true",
+                    help="write the run's data (a shard per device, held-out and public sets) under OUT/data/ and stop: "
+                         "synthetic trial data for a real deployment (docs/DEPLOY.md)")
     ap.add_argument("--log-level", default="INFO")
     add_debug(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level, format="%(asctime)s fl-sim %(message)s", datefmt="%H:%M:%S")
-    vals = {k: v for k, v in vars(a).items() if k not in ("log_level", "debug") and v is not None}
+    vals = {k: v for k, v in vars(a).items() if k not in ("log_level", "debug", "data_only") and v is not None}
     for flag in ("insecure", "release_int8"):
         if not vals.get(flag):
             vals.pop(flag, None)
@@ -102,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
 
     def body() -> None:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if "--data-only" in args:
+            from pathlib import Path
+
+            from fl_sim.run import prepare_data
+
+            s = parse(args)
+            data, paths = prepare_data(s, Path(s.out))
+            log.info("wrote %d device shards (%s examples), held-out sets in %s, the public set %s (%d examples)",
+                     len(paths.shards), [len(x) for x in data.shards], paths.eval_dir, paths.public, len(data.public))
+            return
         report = simulate(parse(argv))
         log.info("report: %s", report)
 

@@ -278,9 +278,21 @@ def forget_old_fleet(out: Path) -> None:
     (a second `make demo` into the same directory ran no rounds)."""
     # The audit log too: it is signed with the old fleet's aggregator key, and a new aggregator
     # would take it for a damaged one (it is kept aside then, never extended).
-    for stale in ("metrics.jsonl", "audit.jsonl", "audit_check.json", *checkpoint.RUN_STATE):
+    for stale in ("metrics.jsonl", "audit.jsonl", "audit_check.json", "audit/report.html", *checkpoint.RUN_STATE):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "edge", ignore_errors=True)
+
+
+def prepare_data(s: SimSettings, out: Path) -> tuple[prepare.SimData, prepare.DataPaths]:
+    """The run's data under OUT/data/: a shard per device, the held-out sets, the public set."""
+    if s.data and s.public_data and s.eval_data:
+        data = prepare.laid_out(Path(s.data), Path(s.public_data), Path(s.eval_data),
+                                Path(s.public_eval_data) if s.public_eval_data else None, s.devices, s.encoding)
+    elif s.data:
+        data = prepare.user_data(Path(s.data), s.devices, s.seed, s.encoding)
+    else:
+        data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
+    return data, prepare.write_data(out, data)
 
 
 def launch(s: SimSettings) -> Launched:
@@ -297,14 +309,7 @@ def launch(s: SimSettings) -> Launched:
     out.mkdir(parents=True, exist_ok=True)
     forget_old_fleet(out)
     t0 = time.monotonic()
-    if s.data and s.public_data and s.eval_data:
-        data = prepare.laid_out(Path(s.data), Path(s.public_data), Path(s.eval_data),
-                                Path(s.public_eval_data) if s.public_eval_data else None, s.devices, s.encoding)
-    elif s.data:
-        data = prepare.user_data(Path(s.data), s.devices, s.seed, s.encoding)
-    else:
-        data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
-    paths = prepare.write_data(out, data)
+    data, paths = prepare_data(s, out)
     shard_paths, eval_dir = paths.shards, paths.eval_dir
     log.info("data: %s examples on %d devices, %d held-out families, %d public examples on the aggregator",
              [len(x) for x in data.shards], s.devices, len(data.heldout), len(data.public))
@@ -457,7 +462,8 @@ def finish(run: Launched) -> Path:
         raise RuntimeError(f"{failed}; logs in {run.fleet.logs}")
     audit = audit_check(run.out)
     if audit is not None:
-        settings["audit"] = {"ok": audit["ok"], "problems": len(audit["problems"]), "file": "audit_check.json"}
+        settings["audit"] = {"ok": audit["ok"], "problems": len(audit["problems"]), "file": "audit_check.json",
+                             "report": "audit/report.html"}
     report = write_report(run.out, settings, run.baselines)
     if failed:
         raise RuntimeError(f"{failed}; report {report}, logs in {run.fleet.logs}")
@@ -466,8 +472,10 @@ def finish(run: Launched) -> Path:
 
 def audit_check(out: Path) -> dict | None:
     """``fl-audit check`` on the run (the aggregator's audit log against every device's ledger),
-    written to OUT/audit_check.json; None where the run was insecure (nothing is signed)."""
+    written to OUT/audit_check.json, and ``fl-audit report``'s page of it, OUT/audit/report.html;
+    None where the run was insecure (nothing is signed)."""
     from shared.audit import cross_check
+    from shared.audit_report import write_report as write_audit_report
     from shared.crypto import load_public_keys
 
     keys, log_file = out / "keys", out / "audit.jsonl"
@@ -475,8 +483,11 @@ def audit_check(out: Path) -> dict | None:
         return None
     devices = {d.name: (d / "ledger.jsonl", load_public_keys(keys / f"{d.name}.pub.json"))
                for d in sorted((out / "edge").iterdir()) if (d / "ledger.jsonl").exists() and (keys / f"{d.name}.pub.json").exists()}
-    res = cross_check(log_file, load_public_keys(keys / "aggregator.pub.json"), devices)
+    agg_key = load_public_keys(keys / "aggregator.pub.json")
+    res = cross_check(log_file, agg_key, devices)
     (out / "audit_check.json").write_text(json.dumps(res, indent=2))
+    page, _ = write_audit_report(out / "audit", log_file, agg_key, devices, metrics=out / "metrics.jsonl", check=res)
+    log.info("audit report: %s", page)
     if res["ok"]:
         log.info("audit: the aggregator's log and %d device ledgers agree (audit_check.json)", len(devices))
     else:

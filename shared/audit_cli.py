@@ -2,12 +2,15 @@
 
     fl-audit verify LEDGER --key DEVICE_PUBLIC_KEY_FILE
     fl-audit check --aggregator-log OUT/audit.jsonl --aggregator-key AGG_PUB --device ID LEDGER KEY ...
+    fl-audit report --aggregator-log OUT/audit.jsonl --aggregator-key AGG_PUB --device ID LEDGER KEY ... --out DIR
 
 checks every line's chain link, sequence number and signature, prints what the ledger records
 (entries by kind, bytes, the rounds), and its head (last sequence number and line hash) to compare
 with a copy taken earlier; exit 0. On any edit, deletion, reordering or insertion: one line
 naming the first bad line, exit 1. A missing file or key: one line, exit 2. ``check`` holds the
 aggregator's audit log against the devices' ledgers (``shared.audit``): exit 1 on any mismatch.
+``report`` does the same check and writes it as one self-contained HTML page, DIR/report.html
+(``shared.audit_report``), with the same exit codes.
 """
 
 from __future__ import annotations
@@ -29,18 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--key", required=True, help="the device's PUBLIC key file (fl-edge keygen wrote it beside the private one)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
     c = sub.add_parser("check", help="hold the aggregator's audit log against the devices' ledgers")
-    c.add_argument("--aggregator-log", required=True, help="the aggregator's OUT_DIR/audit.jsonl")
-    c.add_argument("--aggregator-key", required=True, help="the aggregator's PUBLIC key file")
-    c.add_argument("--device", nargs=3, action="append", default=[], metavar=("DEVICE_ID", "LEDGER", "KEY"),
-                   help="a device, its ledger and its public key file (repeat for each device)")
+    r = sub.add_parser("report", help="the same check, written as one self-contained HTML page (DIR/report.html)")
+    for p in (c, r):
+        p.add_argument("--aggregator-log", required=True, help="the aggregator's OUT_DIR/audit.jsonl")
+        p.add_argument("--aggregator-key", required=True, help="the aggregator's PUBLIC key file")
+        p.add_argument("--device", nargs=3, action="append", default=[], metavar=("DEVICE_ID", "LEDGER", "KEY"),
+                       help="a device, its ledger and its public key file (repeat for each device)")
     c.add_argument("--out", default=None, help="also write the summary as JSON to this file")
+    r.add_argument("--out", required=True, help="the directory to write report.html into (created if missing)")
+    r.add_argument("--metrics", default=None,
+                   help="the aggregator's OUT_DIR/metrics.jsonl: epsilon per round from there when the audit log has none")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from shared import ledger
     from shared.crypto import load_public_keys
     from shared.errors import ConfigError, ProtocolError
 
-    if a.cmd == "check":
+    if a.cmd in ("check", "report"):
         return _check(a)
 
     try:
@@ -72,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
+    """``check`` and ``report``: the summary printed, and the JSON or the HTML page written."""
     from shared.audit import cross_check
+    from shared.audit_report import write_report
     from shared.crypto import load_public_keys
     from shared.errors import ConfigError, ProtocolError
 
@@ -86,13 +96,19 @@ def _check(a: argparse.Namespace) -> int:
     if missing:
         log.error("fl-audit: no such file: %s", ", ".join(missing))
         return 2
+    if a.cmd == "report" and a.metrics and not Path(a.metrics).is_file():
+        log.error("fl-audit: no such file: %s", a.metrics)
+        return 2
     out = cross_check(a.aggregator_log, agg_key, devices)
-    if a.out:
+    if a.cmd == "report":
+        page, _ = write_report(a.out, a.aggregator_log, agg_key, devices, metrics=a.metrics, check=out)
+        print(f"report: {page}")
+    elif a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))
     for d, s in out["devices"].items():
         print(f"{d}: {s['sent']} update(s) sent, {s['counted']} counted, {s['dropped']} dropped with a reason, "
               f"{s['round_not_completed']} in rounds that did not complete")
-    if out["not_checked"]:
+    if out.get("not_checked"):
         print(f"not checked (no ledger given): {', '.join(out['not_checked'])}")
     for p in out["problems"]:
         log.error("fl-audit: MISMATCH: %s", p)

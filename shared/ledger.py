@@ -125,9 +125,10 @@ class Ledger:
             os.fsync(f.fileno())
         self.seq, self.prev = entry["seq"], line_hash(line)
 
-    def record(self, kind: str, rnd: int, wire: bytes, msg: Any) -> None:
-        """Record one message about to leave: its exact wire bytes' size and digest, what is inside."""
-        self.append(kind, rnd, len(wire), hashlib.sha256(wire).hexdigest(), describe(msg))
+    def record(self, kind: str, rnd: int, wire: bytes, msg: Any, extra: Mapping[str, Any] | None = None) -> None:
+        """Record one message about to leave: its exact wire bytes' size and digest, what is inside
+        (and ``extra``: for a masked update, its clip, its noise and the device's epsilon after it)."""
+        self.append(kind, rnd, len(wire), hashlib.sha256(wire).hexdigest(), {**describe(msg), **(extra or {})})
 
 
 class LedgerError(Exception):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import msgpack
 
+from shared.dp import DPSpec
 from shared.errors import ProtocolError, SchemaError, TruncatedError, VersionError
 from shared.tensors import TensorBlob
 
@@ -121,6 +122,11 @@ class SecAggSpec:
     coordinates: the mean |delta + residual| over the block (weighted and clipped the same way).
     Summed under the masks, it tells the aggregator where the fleet's unsent mass is, and so which
     coordinates to ask for next round, without revealing any one device's.
+
+    dp: distributed differential privacy (``shared.dp``): each device L2-clips, rotates, scales
+    and noises its whole input into the ring instead of the per-coordinate fixed-point encoding;
+    the masked vector is then ``shared.dp.ring_dim`` long, and value_bits is unused. Absent (None)
+    from rounds without it, which keeps those specs' bytes as they were.
     """
 
     node_ids: tuple[int, ...]
@@ -131,6 +137,7 @@ class SecAggSpec:
     value_bits: int
     weight_norm: int
     sketch_block: int
+    dp: DPSpec | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.ring_bits <= 32 or not 1 <= self.value_bits <= self.ring_bits:

@@ -30,8 +30,8 @@ class DeviceProfile:
     student is decided by the memory planner from the student's shape.
     """
 
-    name: str
-    description: str
+    name: str  # the profile's name (its file is firmware_profiles/NAME.toml)
+    description: str  # the device, for people: module, memory, software
     # -- hardware --------------------------------------------------------------------------------
     memory_gb: float  # memory of the module (unified on Jetson: CPU and GPU share it)
     compute_capability: str  # CUDA sm version as "8.7"; "" for a box without a CUDA GPU

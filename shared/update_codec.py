@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared import messages as M
-from shared import sparse
+from shared import dp, sparse
 from shared.errors import ConfigError, SchemaError
 from shared.secagg.quant import QuantConfig
 
@@ -47,6 +47,13 @@ def secagg_dim(sp: M.SparseSpec, sa: M.SecAggSpec, sc: M.ScoringSpec | None = No
     """Length of each device's secure-aggregation input: k values, the sketch, the scoring vector
     of an fl-minillm client-teacher round, then the tail."""
     return sp.k + sketch_len(sp, sa) + scoring_len(sc) + TAIL
+
+
+def masked_dim(sp: M.SparseSpec, sa: M.SecAggSpec, sc: M.ScoringSpec | None = None) -> int:
+    """Length of the vector that is masked and sent: ``secagg_dim``, or under DP its rotation's
+    padded length (the randomized Hadamard transform needs a power of two)."""
+    n = secagg_dim(sp, sa, sc)
+    return dp.ring_dim(n) if sa.dp is not None else n
 
 
 def scores_to_ring(scores: np.ndarray, w: float, clip: float) -> np.ndarray:
@@ -131,9 +138,13 @@ def weight(num_examples: int, norm: int) -> float:
 def slot_bounds(sp: M.SparseSpec, sa: M.SecAggSpec, sc: M.ScoringSpec | None, n: int) -> dict[str, tuple[float, float]]:
     """What the decoded sum of each named slot of n honest devices' inputs can be, before the
     quantization bound: values and scores in [-n clip, n clip], the sketch and the loss in
-    [0, n clip], the weight exactly n clip (each device weighs 1)."""
+    [0, n clip], the weight exactly n clip (each device weighs 1). Under DP the L2 clip may scale
+    a device's whole input down, its weight slot with it: the weight is then in [0, n clip] (the
+    mean's denominator stays the number of contributors, as in DP-FedAvg), and the noise
+    allowance is the caller's (``shared.dp.noise_allowance``)."""
     c = n * sa.clip
-    return {"values": (-c, c), "sketch": (0.0, c), "scores": (-c, c), "weight": (c, c), "loss": (0.0, c)}
+    return {"values": (-c, c), "sketch": (0.0, c), "scores": (-c, c), "weight": (0.0 if sa.dp is not None else c, c),
+            "loss": (0.0, c)}
 
 
 def encode_values(values: np.ndarray, dtype: str) -> bytes:

@@ -101,6 +101,8 @@ def test_sim_over_mosquitto_tls_acl_and_captured_update_tamper(tmp_path: Path, t
     assert check["ok"] and check["problems"] == [] and check["not_checked"] == []
     assert all(check["devices"][d]["counted"] == 2 for d in run.device_ids)
     assert {r["decrypted"] for r in check["rounds"].values()} == {"aggregate only"}
+    page = (out / "audit" / "report.html").read_text()  # and wrote its page (tests/shared/test_audit_report.py)
+    assert "PASSED: both sides agree" in page and all(f"{d}: " in page for d in run.device_ids)
 
     agg = load_private_keys(out / "keys" / "aggregator.key")
     wrong = load_private_keys(out / "keys" / "device-1.key")

@@ -346,12 +346,17 @@ class EnrolledCert:
 
     blob: bytes
     keys: crypto.PublicKeys
+    cert: authority.Certificate | None = None  # for its validity window, checked every round
 
 
 def enrolled_certs(certs: Mapping[str, bytes]) -> dict[str, EnrolledCert]:
     """Device id -> its parsed certificate (``authority.Certificate.from_blob``; the authority's
     signature on each was checked when it was enrolled)."""
-    return {d: EnrolledCert(bytes(b), authority.Certificate.from_blob(d, b).keys) for d, b in certs.items()}
+    out = {}
+    for d, b in certs.items():
+        c = authority.Certificate.from_blob(d, b)
+        out[d] = EnrolledCert(bytes(b), c.keys, c)
+    return out
 
 
 @dataclass(frozen=True)
@@ -385,8 +390,13 @@ def server_collect_adverts(state: HardenedServer, msgs: Iterable[SignedAdvertise
             device = ident.device_of[m.sender]
             known = enrolled.get(device) if enrolled is not None else None
             if isinstance(known, bytes):
-                known = EnrolledCert(known, authority.Certificate.from_blob(device, known).keys)
+                c = authority.Certificate.from_blob(device, known)
+                known = EnrolledCert(known, c.keys, c)
             if known is not None and known.blob == m.cert:
+                # Its peers check the window too: an expired device counted here would void their round.
+                why = known.cert.window_problem() if known.cert is not None else None
+                if why:
+                    raise PeerVerificationError(f"its certificate is {why}")
                 payload = crypto.verify(m.sig, known.keys, aad=crypto.AssociatedData(p.round_id, device, ADVERT_KIND))
                 if payload != _advert_payload(p.round_id, m.sender, m.c_pk, m.s_pk, m.commit):
                     raise PeerVerificationError("signed for other keys")

@@ -409,6 +409,22 @@ def test_enroll_refuses_to_replace_a_key_without_replace(tmp_path: Path) -> None
     assert registry.load(reg)[A].to_json() == k2.to_json()
 
 
+def test_unenroll_removes_one_device_and_names_an_unknown_one(tmp_path: Path) -> None:
+    from aggregator import registry
+    from aggregator.cli import main as fl_agg
+    from shared.crypto import generate_keys
+
+    reg = tmp_path / "reg.json"
+    registry.enroll(reg, A, generate_keys().public)
+    registry.enroll(reg, "device-b", generate_keys().public)
+    assert fl_agg(["unenroll", A, "--registry", str(reg)]) == 0
+    assert set(registry.load(reg)) == {"device-b"}
+    with pytest.raises(ConfigError, match=f"{A} is not enrolled.*enrolled: device-b"):
+        registry.unenroll(reg, A)
+    assert fl_agg(["unenroll", A, "--registry", str(reg)]) != 0  # one line, no traceback, nothing lost
+    assert set(registry.load(reg)) == {"device-b"}
+
+
 # --- retained junk (issue 22, item 7) --------------------------------------------------------------
 #
 # A device used to be able to leave hundreds of retained messages under its own prefix, each replayed

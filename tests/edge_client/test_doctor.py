@@ -83,6 +83,22 @@ def test_a_certificate_from_another_authority_or_for_other_keys(device, tmp_path
            "certifies other keys")
 
 
+def test_an_expired_and_a_not_yet_valid_certificate(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from shared import authority
+    from shared.crypto import load_private_keys, load_public_keys
+
+    cfg, root, keys = device
+    auth = load_private_keys(keys["authority_key"])
+    mine = load_public_keys(Path(cfg.keys).with_suffix(".pub.json"))
+    for name, start, days, text in (("expired", time.time() - 3 * 86400, 1, "expired at"),
+                                    ("future", time.time() + 86400, 30, "not valid until")):
+        cert = tmp_path / f"{name}.cert.json"
+        cert.write_text(authority.certify("device-0", mine, auth, days=days, not_before=start).to_json())
+        _fails(dataclasses.replace(cfg, cert=str(cert)), "certificate", text)
+
+
 def test_an_unreachable_broker_a_wrong_ca_and_a_wrong_password(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from shared.crypto import make_server_tls
     from tests.brokers import free_port
@@ -142,4 +158,9 @@ def test_a_clock_behind_the_brokers_ca_is_named(device, monkeypatch: pytest.Monk
     cfg, _, _ = device
     now = time.time()
     monkeypatch.setattr(doctor.time, "time", lambda: now - 3 * 86400)  # three days behind: before the CA's window
-    _fails(cfg, "broker", "this clock is behind")
+    got = _verdicts(cfg)
+    assert got["broker"].verdict == doctor.FAIL and "this clock is behind" in got["broker"].detail, got["broker"].line()
+    # The device certificate's window starts an hour before it was signed: the same clock is named there.
+    assert got["certificate"].verdict == doctor.FAIL and "not valid until" in got["certificate"].detail
+    assert "this clock says" in got["certificate"].detail
+    assert {c.name for c in got.values() if c.verdict == doctor.FAIL} == {"certificate", "broker"}

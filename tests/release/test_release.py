@@ -293,11 +293,12 @@ def test_a_signed_rollback_reinstates_a_kept_release_and_revokes_the_bad_one(bui
         m = device.install(staged, msg.manifest)
         return {"down_bytes": {}, "installed": [devices[0]] if m.release_id == rid else [], "refused": {}, "no_answer": []}
 
+    from aggregator.metrics import Metrics
     from aggregator.store import Store
 
     svc = SimpleNamespace(out=root.parent, release_key=key, cfg=SimpleNamespace(release=SimpleNamespace(fleet=FLEET), round_timeout_s=5),
                           col=SimpleNamespace(send_release=send_release), online={"device-0": 1}, round=6, shutdown_round=6,
-                          _released_loss=1.0, store=Store(tmp_path / "aggregator.db"), audit=None)
+                          _released_loss=1.0, store=Store(tmp_path / "aggregator.db"), audit=None, metrics=Metrics())
     svc._audit_release = lambda *a: Aggregator._audit_release(svc, *a)  # type: ignore[arg-type]
     svc.deliver = lambda b, devices, rnd: Aggregator.deliver(svc, b, devices, rnd)  # type: ignore[arg-type]
     entry = Aggregator.rollback_if_requested(svc)  # type: ignore[arg-type]
@@ -357,6 +358,7 @@ def _service(built, tmp_path: Path, *, rnd: int, sent: list, online: dict[str, s
     import shutil
     from types import SimpleNamespace
 
+    from aggregator.metrics import Metrics
     from aggregator.server import Aggregator
     from aggregator.store import Store
     from edge_client.releases import ReleaseStore
@@ -386,7 +388,7 @@ def _service(built, tmp_path: Path, *, rnd: int, sent: list, online: dict[str, s
     svc = SimpleNamespace(out=root.parent, release_key=key, cfg=cfg, col=col, online={d: 1 for d in online}, round=rnd,
                           shutdown_round=rnd, store=Store(tmp_path / "aggregator.db"), _resends={},
                           MAX_RESENDS=Aggregator.MAX_RESENDS, student=SimpleNamespace(peft=built["peft"], tok=built["tok"]),
-                          mode=SimpleNamespace(name="fedkd"), eval_examples=HELD, audit=None)
+                          mode=SimpleNamespace(name="fedkd"), eval_examples=HELD, audit=None, metrics=Metrics())
     for name in ("deliver", "build_release", "_audit_release"):
         setattr(svc, name, lambda *a, _n=name: getattr(Aggregator, _n)(svc, *a))
     return svc, devices, Aggregator

@@ -317,3 +317,44 @@ def test_mask_peers_from_a_deviating_server_are_refused() -> None:
                              qs[victim])
     with pytest.raises(protocol.SecAggAbort):
         hardened.client_mask(st, messages.MaskPeers(p.round_id, victim, (p.node_ids[2],)), qs[victim])
+
+
+def test_an_advert_with_an_expired_certificate_is_refused() -> None:
+    """A device whose certificate ran out cannot take part: its peers refuse its advert, naming why
+    (issue 26). Same authority, same keys, only the signed validity window is over."""
+    import time
+
+    p, idents, si = _fleet()
+    node = p.node_ids[1]
+    old = authority.certify(si.device_of[node], idents[node].keys.public, AUTH, days=1, not_before=time.time() - 3 * 86400)
+    idents[node] = replace(idents[node], cert=old.blob)
+    _, advert = hardened.client_advertise(p, node, idents[node])
+    with pytest.raises(PeerVerificationError, match="expired at"):
+        hardened.check_advert(idents[p.node_ids[0]], p.round_id, advert, node)
+    ok = p.node_ids[2]
+    _, good = hardened.client_advertise(p, ok, idents[ok])
+    hardened.check_advert(idents[p.node_ids[0]], p.round_id, good, ok)  # the control: a current certificate passes
+
+
+def test_a_certificate_window_cannot_be_edited_outside_the_signature() -> None:
+    import time
+
+    cert = authority.certify("dev-1", AUTH.public, AUTH, days=1, not_before=time.time() - 3 * 86400)
+    stretched = replace(cert, not_after=time.time() + 86400)  # what a holder would like it to say
+    with pytest.raises(crypto.CryptoError, match="window other than"):
+        authority.verify(stretched, AUTH.public, "dev-1")
+    assert authority.Certificate.from_blob("dev-1", cert.blob).not_after == cert.not_after  # read from the signed payload
+
+
+def test_the_aggregator_drops_an_advert_whose_enrolled_certificate_expired() -> None:
+    """The fast path (a certificate byte-equal to the enrolled one) checks the window too."""
+    import time
+
+    p, idents, si = _fleet()
+    node = p.node_ids[1]
+    old = authority.certify(si.device_of[node], idents[node].keys.public, AUTH, days=1, not_before=time.time() - 3 * 86400)
+    idents[node] = replace(idents[node], cert=old.blob)
+    adverts = [hardened.client_advertise(p, u, idents[u])[1] for u in p.node_ids]
+    enrolled = hardened.enrolled_certs({si.device_of[u]: idents[u].cert for u in p.node_ids})
+    srv, lists = hardened.server_collect_adverts(hardened.server_init(p), adverts, si, enrolled)
+    assert node not in lists and {e.node for e in srv.entries} == set(p.node_ids) - {node}
