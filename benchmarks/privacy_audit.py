@@ -121,6 +121,24 @@ def completion_logprobs(lm: Any, examples: list[Example], max_len: int = 128, ba
     return out
 
 
+class TorchLM:
+    """The global adapter of a checkpoint, with OnnxLM's ``tok`` and ``forward`` (logits only)."""
+
+    def __init__(self, base: str, ckpt: Path) -> None:
+        from quality_common import load_checkpoint
+
+        self.model, self.tok = load_checkpoint(base, ckpt)
+        self.model.eval()
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def forward(self, ids: Any) -> tuple[Any, None]:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(ids)).logits.float().numpy(), None
+
+
 def base_logprobs(student: str, examples: list[Example], max_len: int = 128) -> list[float]:
     """The same under the base student (no adapter): the reference that calibrates each example."""
     import torch
@@ -201,6 +219,7 @@ def run_one(work: Path, name: str, layout: dict[str, Path], models: dict[str, st
     last = [r for r in rows if r["round"] > 0]
     final = last[-1] if last else {}
     return {"name": name, "wall_s": round(time.monotonic() - t0, 1), "rounds_ok": res["rounds_ok"], "out": s.out,
+            "student": models["student"],
             "rows": rows, "exact_match": final.get("mean_exact_match"), "loss": final.get("mean_loss"),
             "accountant_epsilon": accountant_epsilon(rows)}
 
@@ -211,9 +230,18 @@ def audit(run: dict[str, Any], data: Data, canaries: list[Any], base: dict[str, 
     from fl_sim import leakage
 
     out = Path(run["out"])
-    latest = json.loads((out / "releases" / "latest.json").read_text())
-    rel = out / "releases" / str(latest["release_id"])
-    lm = OnnxLM(rel, threads=2)
+    latest_file = out / "releases" / "latest.json"
+    if latest_file.exists():
+        rel = out / "releases" / str(json.loads(latest_file.read_text())["release_id"])
+        lm: Any = OnnxLM(rel, threads=2)
+        scored = rel.name
+    else:
+        # No release: the run's last rounds were abandoned (under heavy noise the devices' training
+        # diverged and they declined non-finite updates). What an attacker holds then is the last
+        # committed global adapter: scored with torch instead.
+        ck = sorted((out / "checkpoints").glob("round_*"))[-1]
+        lm = TorchLM(run["student"], ck)
+        scored = f"no release; checkpoint {ck.name} (torch)"
     exposures = []
     for c in canaries:
         alts = leakage.alternative_codes(c, st.alternatives, seed)
@@ -228,7 +256,7 @@ def audit(run: dict[str, Any], data: Data, canaries: list[Any], base: dict[str, 
     return {"exposure": exposures, "exposure_mean": sum(exposures) / len(exposures), "exposure_max_bits": math.log2(10 ** 6),
             "mia": {"auc": leakage.auc(sm, sn), "tpr_at_0.1%_fpr": leakage.tpr_at_fpr(sm, sn, 1e-3),
                     "auc_uncalibrated": leakage.auc(fm, fn), "members": len(sm), "non_members": len(sn)},
-            "one_shot": one_shot(out, run["rows"], st, seed, canary_norm), "release": rel.name}
+            "one_shot": one_shot(out, run["rows"], st, seed, canary_norm), "scored": scored}
 
 
 def one_seed(st: Setup, seed: int, work: Path) -> dict[str, Any]:
@@ -268,8 +296,9 @@ def one_seed(st: Setup, seed: int, work: Path) -> dict[str, Any]:
 
 def table(seeds: list[dict[str, Any]]) -> str:
     names = list(seeds[0]["runs"])
-    lines = ["| run | accountant eps | one-shot eps | exposure (bits, mean / max of secrets) | MIA AUC | TPR@0.1%FPR | held-out EM | loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | rounds ok | accountant eps | one-shot eps | exposure (bits, mean / max of secrets) | MIA AUC | TPR@0.1%FPR | "
+             "held-out EM | loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def avg(xs: list[float | None]) -> str:
         v = [x for x in xs if x is not None and math.isfinite(x)]
@@ -278,7 +307,7 @@ def table(seeds: list[dict[str, Any]]) -> str:
 
     for n in names:
         rs = [s["runs"][n] for s in seeds]
-        lines.append(f"| {n} | {avg([r['accountant_epsilon'] for r in rs])} | {avg([r['audit']['one_shot']['epsilon'] for r in rs])} | "
+        lines.append(f"| {n} | {' / '.join(str(r['rounds_ok']) for r in rs)} | {avg([r['accountant_epsilon'] for r in rs])} | {avg([r['audit']['one_shot']['epsilon'] for r in rs])} | "
                      f"{avg([r['audit']['exposure_mean'] for r in rs])} / {max(max(r['audit']['exposure']) for r in rs):.3g} | "
                      f"{avg([r['audit']['mia']['auc'] for r in rs])} | {avg([r['audit']['mia']['tpr_at_0.1%_fpr'] for r in rs])} | "
                      f"{avg([r['exact_match'] for r in rs])} | {avg([r['loss'] for r in rs])} |")
