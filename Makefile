@@ -77,7 +77,7 @@ VENV310 := .venv310
 test-py310:
 	@test -n "$(PY310)" || { echo "test-py310 needs Python 3.10 (python3.10 on PATH or pyenv's 3.10)"; exit 1; }
 	test -x $(VENV310)/bin/python || $(PY310) -m venv $(VENV310)
-	$(VENV310)/bin/python -m pip install -q -e . "paho-mqtt>=2.0,<3" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "ruff>=0.9,<1"
+	$(VENV310)/bin/python -m pip install -q -e . "paho-mqtt>=2.0,<3" "dp-accounting>=0.4" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "ruff>=0.9,<1"
 	$(VENV310)/bin/python -m pytest -q -p no:cacheprovider tests/shared
 	$(VENV310)/bin/python -c "import edge_client.cli, edge_client.client, edge_client.planner, edge_client.environment, edge_client.releases, fl_mqtt.link"
 	$(VENV310)/bin/ruff check .

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared import crypto
+from shared.canonical import canonical_json_cert_v1
 from shared.crypto import CryptoError
 from shared.errors import SchemaError
 from shared.topics import check_device_id
@@ -90,9 +91,10 @@ def iso_time(t: float) -> str:
 
 
 def _payload(device_id: str, keys: crypto.PublicKeys, not_before: float, not_after: float) -> bytes:
-    return json.dumps({"device_id": device_id, "signing": base64.b64encode(keys.signing).decode(),
-                       "encryption": base64.b64encode(keys.encryption).decode(),
-                       "not_before": int(not_before), "not_after": int(not_after)}, sort_keys=True).encode()
+    # Format version 1's own spacing, kept byte-identical: see shared.canonical.
+    return canonical_json_cert_v1({"device_id": device_id, "signing": base64.b64encode(keys.signing).decode(),
+                                   "encryption": base64.b64encode(keys.encryption).decode(),
+                                   "not_before": int(not_before), "not_after": int(not_after)})
 
 
 def _parse(payload: bytes, device_id: str) -> tuple[crypto.PublicKeys, tuple[float | None, float | None]]:

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from shared import crypto
+from shared.canonical import canonical_json
+
 log = logging.getLogger(__name__)
 
 GENESIS_PREV = "0" * 64
@@ -46,7 +48,8 @@ VERSION = 1
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """An entry's or a line's bytes: ``shared.canonical.canonical_json`` (the one signed-JSON form)."""
+    return canonical_json(obj)
 
 
 def line_hash(line: bytes) -> str:

@@ -4,7 +4,7 @@ The aggregator signs the manifest (Ed25519, bound to the fleet's broadcast ``rel
 the round); it names every file with its size and SHA-256, so one signature covers the whole
 directory. A device verifies the signature under the pinned aggregator key, that the manifest is
 for its own fleet, and every file's digest, before anything is installed (``edge_client.releases``).
-Canonical JSON (sorted keys, no spaces): both sides hash the same bytes.
+Canonical JSON (``shared.canonical``: sorted keys, no spaces): both sides hash the same bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import crypto
+from shared.canonical import canonical_json
 from shared.errors import SchemaError
 
 KIND = "release"
@@ -60,8 +61,7 @@ class ReleaseManifest:
             raise SchemaError(f"quantization must be none or int8, got {self.quantization!r}")
 
     def encode(self) -> bytes:
-        d = asdict(self)
-        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(asdict(self))
 
     @staticmethod
     def decode(data: bytes) -> ReleaseManifest:

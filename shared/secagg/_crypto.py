@@ -62,9 +62,16 @@ def _ad(round_id: int, sender: int, recipient: int, context: bytes = b"") -> byt
     return _LABEL + struct.pack(">QII", round_id, sender, recipient) + context
 
 
-def seal(key: bytes, round_id: int, sender: int, recipient: int, plaintext: bytes, context: bytes = b"") -> bytes:
-    """nonce || ChaCha20-Poly1305(plaintext) with the (round, sender, recipient, context) binding."""
-    nonce = os.urandom(NONCE_BYTES)
+def seal(key: bytes, round_id: int, sender: int, recipient: int, plaintext: bytes, context: bytes = b"", *,
+         nonce: bytes | None = None) -> bytes:
+    """nonce || ChaCha20-Poly1305(plaintext) with the (round, sender, recipient, context) binding.
+
+    ``nonce`` exists only for known-answer tests (golden bytes); production callers leave it None.
+    """
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    elif len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
     return nonce + _hazmat.chacha20poly1305_encrypt(key, nonce, plaintext, _ad(round_id, sender, recipient, context))
 
 

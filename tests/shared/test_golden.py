@@ -15,6 +15,8 @@ import pytest
 from shared import chunking
 from shared import messages as M
 from shared import tensors
+from shared.secagg import messages as SA
+from tests.shared.test_golden_formats import secagg_samples
 
 DIR = Path(__file__).resolve().parents[1] / "fixtures" / f"protocol_v{M.PROTOCOL_VERSION}"
 ADAPTER = tensors.pack({"l.lora_A.weight": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),
@@ -37,7 +39,10 @@ SAMPLES: dict[str, object] = {
                                     base_digest="0f" * 32, encoding="shared", values=bytes(range(8))),
     "masked_update": M.MaskedUpdate(round=3, device_id="dev-1", seq=9, num_examples=42, steps=20, train_loss=1.25,
                                     base_digest="0f" * 32, masked=bytes(range(16))),
+    # An opaque 16-byte body: pins the envelope alone. The next case carries a real SA body; every SA
+    # kind has golden bytes of its own in test_golden_formats.
     "secagg": M.SecAggMsg(round=3, device_id="dev-1", body=b"SA" + bytes(range(14))),
+    "secagg_signed_advert": M.SecAggMsg(round=3, device_id="dev-1", body=SA.encode(secagg_samples()["signed_advertise"])),
     "sealed": M.Sealed(round=3, device_id="dev-1", kind="update", blob=bytes(range(64))),
     "signed": M.Signed(round=3, device_id="dev-1", kind="round", blob=bytes(range(64, 128))),
     "manifest": chunking.Manifest(xfer_id="0123456789abcdef0123456789abcdef", total_size=10, chunk_size=4, count=3,
