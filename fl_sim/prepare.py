@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,16 +110,31 @@ def public_examples(n: int, seed: int, exclude: Sequence[Example] = (), slice_pe
 
 @dataclass(frozen=True)
 class DataPaths:
-    shards: list[Path]  # data/device-I.jsonl: each device reads only its own
+    shards: list[Path]  # one per device: each device reads only its own (see write_data)
     eval_dir: Path  # data/eval/FAMILY.jsonl: held-out private families (the simulation's, for scoring)
     public: Path  # data/public/public.jsonl: the aggregator's public set
     public_eval_dir: Path | None  # data/public_eval/FAMILY.jsonl: held-out public families
 
 
-def write_data(out: Path, data: SimData) -> DataPaths:
+PRIVATE_DIR = "private"  # under a simulated device's own directory: its shard, and nothing else's
+
+
+def shard_under_device(out: Path, i: int) -> Path:
+    """Where the simulation keeps device-i's private shard: inside that device's own directory
+    (``OUT/edge/device-I/private/train.jsonl``, 0700), beside its state, never in a directory the
+    aggregator's inputs share."""
+    return out / "edge" / f"device-{i}" / PRIVATE_DIR / "train.jsonl"
+
+
+def write_data(out: Path, data: SimData, shard_path: Callable[[Path, int], Path] | None = None) -> DataPaths:
+    """The run's data: each shard at ``shard_path(out, i)`` (default ``OUT/data/device-I.jsonl``,
+    trial data to hand out: ``fl-sim --data-only``), the held-out and public sets under OUT/data."""
     shard_paths = []
     for i, shard in enumerate(data.shards):
-        p = out / "data" / f"device-{i}.jsonl"
+        p = shard_path(out, i) if shard_path is not None else out / "data" / f"device-{i}.jsonl"
+        if shard_path is not None:
+            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            p.parent.chmod(0o700)
         write_jsonl(p, shard)
         shard_paths.append(p)
     eval_dir = out / "data" / "eval"

@@ -88,7 +88,8 @@ def _meaning(first: RoundRecord, last: RoundRecord, b: dict[str, Any]) -> list[s
     return out
 
 
-def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, Any] | None = None) -> Path:
+def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, Any] | None = None,
+                 data_notes: list[str] | None = None) -> Path:
     rows = read(out_dir / "metrics.jsonl")
     fams = sorted(rows[0].eval) if rows else []
     first, last = rows[0], rows[-1]
@@ -118,6 +119,8 @@ def write_report(out_dir: Path, settings: dict[str, Any], baselines: dict[str, A
         lines.append(f"Distillation on the aggregator took {sum(distil_s):.1f} s in all ({sum(distil_s) / len(distil_s):.1f} s a round).")
     lines += _answers(first, last)
     lines += [""]
+    if data_notes:
+        lines += ["## Where the data is", "", *(f"- {x}" for x in data_notes), ""]
     lines += ["## Rounds", "", "| round | status | updates | mean loss | mean exact match | " + " | ".join(f"{f} loss / EM" for f in fams) + " |",
               "|---|---|---|---|---|" + "---|" * len(fams)]
     for r in rows:

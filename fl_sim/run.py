@@ -283,8 +283,10 @@ def forget_old_fleet(out: Path) -> None:
     shutil.rmtree(out / "edge", ignore_errors=True)
 
 
-def prepare_data(s: SimSettings, out: Path) -> tuple[prepare.SimData, prepare.DataPaths]:
-    """The run's data under OUT/data/: a shard per device, the held-out sets, the public set."""
+def prepare_data(s: SimSettings, out: Path, private_under_devices: bool = False) -> tuple[prepare.SimData, prepare.DataPaths]:
+    """The run's data: a shard per device (with ``private_under_devices``, inside each device's
+    own directory, as a simulation keeps them; else under OUT/data/ to hand out), the held-out and
+    public sets under OUT/data/."""
     if s.data and s.public_data and s.eval_data:
         data = prepare.laid_out(Path(s.data), Path(s.public_data), Path(s.eval_data),
                                 Path(s.public_eval_data) if s.public_eval_data else None, s.devices, s.encoding)
@@ -292,7 +294,7 @@ def prepare_data(s: SimSettings, out: Path) -> tuple[prepare.SimData, prepare.Da
         data = prepare.user_data(Path(s.data), s.devices, s.seed, s.encoding)
     else:
         data = prepare.generated(s.devices, s.examples_per_family, s.eval_per_family, s.split, s.alpha, s.seed)
-    return data, prepare.write_data(out, data)
+    return data, prepare.write_data(out, data, prepare.shard_under_device if private_under_devices else None)
 
 
 def launch(s: SimSettings) -> Launched:
@@ -309,7 +311,7 @@ def launch(s: SimSettings) -> Launched:
     out.mkdir(parents=True, exist_ok=True)
     forget_old_fleet(out)
     t0 = time.monotonic()
-    data, paths = prepare_data(s, out)
+    data, paths = prepare_data(s, out, private_under_devices=True)
     shard_paths, eval_dir = paths.shards, paths.eval_dir
     log.info("data: %s examples on %d devices, %d held-out families, %d public examples on the aggregator",
              [len(x) for x in data.shards], s.devices, len(data.heldout), len(data.public))
@@ -464,10 +466,19 @@ def finish(run: Launched) -> Path:
     if audit is not None:
         settings["audit"] = {"ok": audit["ok"], "problems": len(audit["problems"]), "file": "audit_check.json",
                              "report": "audit/report.html"}
-    report = write_report(run.out, settings, run.baselines)
+    report = write_report(run.out, settings, run.baselines, where_the_data_is(run.out))
     if failed:
         raise RuntimeError(f"{failed}; report {report}, logs in {run.fleet.logs}")
     return report
+
+
+def where_the_data_is(out: Path) -> list[str]:
+    """Lines for the reports: each device's private shard, inside that device's own directory, and
+    the aggregator's inputs (the public and held-out sets), which no device's data is in."""
+    lines = [f"{d.name}'s private data: {d / prepare.PRIVATE_DIR}/ (its process alone reads it; it never leaves the device)"
+             for d in sorted((out / "edge").iterdir()) if (d / prepare.PRIVATE_DIR).is_dir()] if (out / "edge").is_dir() else []
+    lines.append(f"the aggregator's inputs: {out / 'data'}/ (the public set and the held-out sets; no device's private data)")
+    return lines
 
 
 def audit_check(out: Path) -> dict | None:
@@ -486,7 +497,8 @@ def audit_check(out: Path) -> dict | None:
     agg_key = load_public_keys(keys / "aggregator.pub.json")
     res = cross_check(log_file, agg_key, devices)
     (out / "audit_check.json").write_text(json.dumps(res, indent=2))
-    page, _ = write_audit_report(out / "audit", log_file, agg_key, devices, metrics=out / "metrics.jsonl", check=res)
+    page, _ = write_audit_report(out / "audit", log_file, agg_key, devices, metrics=out / "metrics.jsonl", check=res,
+                                 data_notes=where_the_data_is(out))
     log.info("audit report: %s", page)
     if res["ok"]:
         log.info("audit: the aggregator's log and %d device ledgers agree (audit_check.json)", len(devices))

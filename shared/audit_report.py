@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,7 +330,7 @@ def _plots(agg: AggregatorSide, devices: list[DeviceSide], eps: Mapping[int, Map
 
 
 def render(check: Mapping[str, Any], agg: AggregatorSide, devices: list[DeviceSide], eps: Mapping[int, Mapping[str, float]],
-           delta: Mapping[int, float], eps_source: str) -> str:
+           delta: Mapping[int, float], eps_source: str, data_notes: Sequence[str] = ()) -> str:
     cls, headline, lines = _verdict(check, devices)
     made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -359,6 +359,9 @@ def render(check: Mapping[str, Any], agg: AggregatorSide, devices: list[DeviceSi
         out += _plots(agg, devices, eps)
         out += _rounds_table(agg, devices, eps)
         out += _releases_table(agg)
+    if data_notes:
+        # Where the private data was (the simulation says; a real deployment's is on each device).
+        out += ["<h2>Where the data is</h2><ul>", *(f"<li>{_e(x)}</li>" for x in data_notes), "</ul>"]
     out += ["<h2>What this check cannot show</h2><ul>",
             "<li>Entries cut off the end of a ledger or log: the chain cannot show them. Compare each head above "
             "(sequence number and hash) with a copy taken earlier.</li>",
@@ -370,7 +373,7 @@ def render(check: Mapping[str, Any], agg: AggregatorSide, devices: list[DeviceSi
 
 def write_report(out_dir: str | Path, aggregator_log: str | Path, aggregator_key: crypto.PublicKeys,
                  devices: Mapping[str, tuple[str | Path, crypto.PublicKeys]], *, metrics: str | Path | None = None,
-                 check: Mapping[str, Any] | None = None) -> tuple[Path, Mapping[str, Any]]:
+                 check: Mapping[str, Any] | None = None, data_notes: Sequence[str] = ()) -> tuple[Path, Mapping[str, Any]]:
     """Write ``out_dir/report.html``; the page's path and the cross-check it shows (``check`` if
     given, as ``fl-sim`` has just run it, else run here)."""
     if check is None:
@@ -380,5 +383,5 @@ def write_report(out_dir: str | Path, aggregator_log: str | Path, aggregator_key
     eps, delta, source = epsilons(agg, metrics)
     path = Path(out_dir) / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(check, agg, sides, eps, delta, source), encoding="utf-8")
+    path.write_text(render(check, agg, sides, eps, delta, source, data_notes), encoding="utf-8")
     return path, check

@@ -103,6 +103,13 @@ def test_sim_over_mosquitto_tls_acl_and_captured_update_tamper(tmp_path: Path, t
     assert {r["decrypted"] for r in check["rounds"].values()} == {"aggregate only"}
     page = (out / "audit" / "report.html").read_text()  # and wrote its page (tests/shared/test_audit_report.py)
     assert "PASSED: both sides agree" in page and all(f"{d}: " in page for d in run.device_ids)
+    # Each device's private shard lives only under its own directory (0700), and both reports say where.
+    for d in run.device_ids:
+        private = out / "edge" / d / "private"
+        assert (private / "train.jsonl").is_file() and (private.stat().st_mode & 0o077) == 0
+        assert f"{d}&#x27;s private data: {private}/" in page or f"{d}'s private data: {private}/" in page
+    assert not list((out / "data").glob("device-*.jsonl")), "a shard outside its device's directory"
+    assert "## Where the data is" in (out / "report.md").read_text()
 
     agg = load_private_keys(out / "keys" / "aggregator.key")
     wrong = load_private_keys(out / "keys" / "device-1.key")

@@ -82,7 +82,7 @@ def test_fl_sim_exits_non_zero_when_every_round_was_abandoned(tmp_path: Path, mo
                                                   _record(2, "abandoned", "quorum not reached")]) + "\n")
     reported: list[Path] = []
 
-    def report(out_dir: Path, settings: dict, baselines: object) -> Path:
+    def report(out_dir: Path, settings: dict, baselines: object, data_notes: object = None) -> Path:
         reported.append(out_dir / "report.md")
         return reported[-1]
 

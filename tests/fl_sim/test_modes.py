@@ -107,8 +107,8 @@ def test_modes_over_the_embedded_broker(tmp_path: Path, tiny_models: dict[str, s
     # No device's training examples reach the aggregator: it never opens a shard or a device's
     # state, and nothing it wrote or logged holds a training example.
     opened = [Path(p).resolve() for p in _opened_by(audited, out / "config" / "aggregator.json")]
-    shards = sorted((out / "data").glob("device-*.jsonl"))
-    assert len(shards) == 3
+    shards = sorted((out / "edge").glob("device-*/private/train.jsonl"))  # each only under its device's directory
+    assert len(shards) == 3 and not list((out / "data").glob("device-*.jsonl"))
     private_files = {p.resolve() for p in shards}
     assert not private_files & set(opened)
     assert not [p for p in opened if (out / "edge").resolve() in p.parents]
@@ -151,7 +151,7 @@ def test_fl_minillm_over_mosquitto_with_tls(tmp_path: Path, tiny_models: dict[st
     assert [r.status for r in rows] == ["baseline", "ok"] and rows[1].secagg and len(rows[1].received) == 3
     assert rows[1].distil["role"] == "client" and rows[1].distil["scoring_up_bytes_per_device"] > 0
     fleet = np.load(out / "fleet" / "round_0001_scores.npy")
-    n = {d: len(load_file(out / "data" / f"{d}.jsonl")) for d in rows[1].received}
+    n = {d: len(load_file(out / "edge" / d / "private" / "train.jsonl")) for d in rows[1].received}
     w = {d: update_codec.weight(n[d], 1) for d in n}  # the aggregator's weight_norm: every device weighs 1
     mine = {d: np.load(out / "edge" / d / "sent" / "round_0001_scores.npy") for d in n}
     want = sum(w[d] * mine[d] for d in n) / sum(w.values())
